@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and, later, KL divergence, tasks and regression reports)."""

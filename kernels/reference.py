@@ -1,0 +1,58 @@
+"""Plain-torch reference kernel: unpack, dequantize, then matmul.
+
+This is the ground truth every faster kernel is tested against, and the fallback
+that runs anywhere torch runs. It materialises one layer's weight per call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmzip.packing import unpack_int32
+from llmzip.primitives import dequantize
+
+
+def dequantize_packed(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    weight_g_idx: torch.Tensor | None,
+    bits: int,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Checkpoint tensors -> dense weight [out, in] in `dtype`.
+
+    weight_packed: int32 [out, ceil(in*bits/32)]; weight_scale: [out, n_groups];
+    weight_zero_point: int32 [ceil(out*bits/32), n_groups] (packed along dim 0) or None;
+    weight_g_idx: int32 [in] (column -> group) or None for contiguous groups.
+    """
+    q = unpack_int32(weight_packed, bits, in_features, dim=1)
+    n_groups = weight_scale.shape[1]
+    zero = None
+    if weight_zero_point is not None:
+        zero = unpack_int32(weight_zero_point, bits, out_features, dim=0)
+    if weight_g_idx is not None:
+        g = weight_g_idx.long()
+        s = weight_scale.float()[:, g]
+        qf = q.float() if zero is None else q.float() - zero.float()[:, g]
+        return (qf * s).to(dtype)
+    group = in_features // n_groups
+    return dequantize(q, weight_scale, zero, None if n_groups == 1 else group, dtype)
+
+
+def linear(x: torch.Tensor, module) -> torch.Tensor:
+    """y = x @ W^T + b with W dequantized from `module`'s packed tensors."""
+    w = dequantize_packed(
+        module.weight_packed,
+        module.weight_scale,
+        getattr(module, "weight_zero_point", None),
+        getattr(module, "weight_g_idx", None),
+        module.bits,
+        module.out_features,
+        module.in_features,
+        x.dtype,
+    )
+    return F.linear(x, w, module.bias)

@@ -1,0 +1,206 @@
+"""compressed-tensors "pack-quantized" checkpoints: save and load.
+
+Saving writes the whole checkpoint to a hidden temporary directory next to the target
+and renames it into place at the end, so an interrupted save never leaves a directory
+that looks complete. Loading builds the model skeleton on the meta device, swaps in
+QuantLinear modules and assigns the stored tensors directly: the full-precision
+weights of quantized layers are never materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ConfigError, WeightScheme
+from .quant_linear import QuantLinear
+from .surgery import linear_names, set_module
+
+METADATA_FILE = "llmzip.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or in a format llmzip cannot load."""
+
+
+def quantization_config(scheme: WeightScheme, ignored: list[str], act_order: bool = False) -> dict:
+    """The config.json `quantization_config` block, built with compressed-tensors' own
+    schema so that its loaders (transformers, vLLM) read it as they expect."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    args = QuantizationArgs(
+        num_bits=scheme.bits,
+        type="int",
+        symmetric=scheme.symmetric,
+        strategy=scheme.strategy,
+        group_size=scheme.group_size,
+        actorder="group" if act_order else None,
+    )
+    qc = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=sorted(ignored),
+    )
+    return qc.model_dump(exclude_none=True)
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Fail early (before any long work) if `out_dir` cannot receive a checkpoint.
+
+    An existing directory is only replaced if it is empty or an llmzip checkpoint.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is a file; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not (out / METADATA_FILE).is_file():
+        raise CheckpointError(f"output directory {out} exists and is not an llmzip checkpoint; choose another -o")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot create {out}: {parent} is a file")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write to {out}: {parent} is not writable")
+    return out
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metadata: dict) -> Path:
+    """Write model (with QuantLinear modules), tokenizer, config and llmzip.json.
+
+    qconfig: the `quantization_config` dict; metadata: written to llmzip.json.
+    Refuses to overwrite an existing non-empty directory that is not an llmzip
+    checkpoint.
+    """
+    out = check_output_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.config.quantization_config = qconfig
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return out
+
+
+@dataclass(frozen=True)
+class LoadedScheme:
+    scheme: WeightScheme
+    act_order: bool
+    ignore: tuple[str, ...]
+
+    def is_ignored(self, name: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], name):
+                    return True
+            elif name == pattern or name.endswith("." + pattern):
+                return True
+        return False
+
+
+def read_scheme(qc: dict) -> LoadedScheme:
+    """Parse a compressed-tensors quantization_config we can execute."""
+    if qc.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(f"quant_method {qc.get('quant_method')!r} is not compressed-tensors")
+    if qc.get("format") != "pack-quantized":
+        raise CheckpointError(f"format {qc.get('format')!r} is not supported (need pack-quantized)")
+    groups = list(qc.get("config_groups", {}).values())
+    if len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
+        raise CheckpointError("only one config group targeting all Linear layers is supported")
+    w = groups[0]["weights"]
+    if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+        raise CheckpointError(f"weights {w} are not int group/channel quantization")
+    if groups[0].get("input_activations"):
+        raise CheckpointError("activation quantization is not supported")
+    try:
+        scheme = WeightScheme(
+            bits=w["num_bits"],
+            group_size=w.get("group_size") if w["strategy"] == "group" else None,
+            symmetric=w.get("symmetric", True),
+        )
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    return LoadedScheme(scheme, w.get("actorder") is not None, tuple(qc.get("ignore", [])))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load an llmzip (or any compatible compressed-tensors) checkpoint.
+
+    Returns the model with QuantLinear modules, in eval mode, on `device`.
+    dtype: compute dtype of the unquantized parts (default: the checkpoint's).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    raw = json.loads((path / "config.json").read_text())
+    if "quantization_config" not in raw:
+        raise CheckpointError(f"{path} has no quantization_config; load it with transformers")
+    loaded = read_scheme(raw["quantization_config"])
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in linear_names(model):
+        if loaded.is_ignored(name):
+            continue
+        lin = model.get_submodule(name)
+        ql = QuantLinear(
+            lin.in_features, lin.out_features, loaded.scheme, lin.bias is not None,
+            act_order=loaded.act_order, dtype=dtype, device="meta",
+        )
+        set_module(model, name, ql)
+    state = _read_safetensors(path)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: tensors missing {still_meta[:5]} / unexpected {result.unexpected_keys[:5]}"
+        )
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight_scale.data = m.weight_scale.data.to(dtype)
+    return model.to(device).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files")
+    state = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                state[k] = fh.get_tensor(k)
+    return state
+
+
+def read_metadata(path: str | Path) -> dict:
+    f = Path(path) / METADATA_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}

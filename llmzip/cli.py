@@ -1,0 +1,121 @@
+"""The `llmzip` command line.
+
+Exit codes: 0 success; 1 a quality threshold was exceeded (compare); 2 bad input
+(arguments, model, data, output directory) with a one-line message; 3 an unexpected
+internal error (traceback shown); 130 interrupted.
+Commands that produce numbers print, with --json, one JSON object as the last line
+of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _group_size(text: str) -> int | None:
+    try:
+        g = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer, got {text!r}") from None
+    if g == -1:
+        return None
+    if g <= 0:
+        raise argparse.ArgumentTypeError(f"group size {g} must be positive, or -1 for per-channel")
+    return g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmzip",
+        description="Quantize, evaluate and inspect Hugging Face causal LMs.",
+        epilog="Models: a demo alias (smollm2-135m), a local directory or a hub id (org/name).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors checkpoint")
+    q.add_argument("model", help="demo alias, local model dir or hub id")
+    q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization algorithm (default: rtn)")
+    q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
+    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 = per-channel (default: 128)")
+    q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    q.add_argument("--clip-search", action="store_true", help="MSE-optimal range clipping per group")
+    q.add_argument("--clip-grid", type=int, default=20, help="shrink ratios tried by --clip-search (default: 20)")
+    q.add_argument("--ignore", action="append", default=None, metavar="REGEX",
+                   help="keep matching Linear layers in full precision (repeatable; default: lm_head)")
+    q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the model in (default: auto)")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    ppl = esub.add_parser("ppl", help="perplexity on a text (protocol in eval/perplexity.py)")
+    ppl.add_argument("model", help="llmzip checkpoint, demo alias, local model dir or hub id")
+    ppl.add_argument("--data", default="wiki", help="built-in corpus (wiki), text file, or hub:ID[:CONFIG]:SPLIT:COLUMN")
+    ppl.add_argument("--ctx", type=int, default=2048, help="tokens per window (default: 2048)")
+    ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")
+    ppl.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    ppl.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+    i = sub.add_parser("info", help="size report of a checkpoint")
+    i.add_argument("path", help="checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+
+    d = sub.add_parser("demo", help="quantize the demo model to INT4 and compare its perplexity with bf16")
+    d.add_argument("-o", "--output", default="llmzip-demo", help="where to write checkpoints (default: ./llmzip-demo)")
+    d.add_argument("--max-windows", type=int, default=8, help="perplexity windows of 2048 tokens (default: 8)")
+    d.add_argument("--json", action="store_true", help="print the table as JSON on the last line")
+    return p
+
+
+def _bad_input_types():
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+
+    return (ConfigError, CheckpointError, DataError, ModelError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="llmzip: %(message)s")
+    try:
+        from . import commands
+
+        handler = getattr(commands, args.command if args.command != "eval" else f"eval_{args.eval_command}")
+        return handler(args)
+    except KeyboardInterrupt:
+        print("llmzip: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _bad_input_types() as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llmzip: error: {first_line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - report, do not hide
+        traceback.print_exc()
+        print("llmzip: internal error (please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Implementations of the CLI commands (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .cli import EXIT_OK, _dtype, print_json
+
+log = logging.getLogger("llmzip")
+
+
+def load_for_eval(model: str, dtype=None):
+    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+    from .models import load_pretrained
+
+    cfg = Path(model).expanduser() / "config.json"
+    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+        return load(Path(model), dtype=dtype), AutoTokenizer.from_pretrained(Path(model))
+    return load_pretrained(model, dtype=dtype)
+
+
+def quantize(args) -> int:
+    from .config import DEFAULT_IGNORE, ClipSearch, QuantConfig, WeightScheme
+    from .api import quantize as run
+
+    config = QuantConfig(
+        method=args.method,
+        weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
+        clip=ClipSearch(grid=args.clip_grid) if args.clip_search else None,
+        ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
+    )
+    _, report = run(
+        args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
+        trust_remote_code=args.trust_remote_code,
+    )
+    from .info import format_report, size_report
+
+    size = size_report(report["output_dir"])
+    log.info("wrote %s in %.1fs (%d layers quantized, %d kept)", report["output_dir"], report["seconds"],
+             len(report["quantized"]), len(report["ignored"]))
+    print(format_report(size))
+    if args.json:
+        print_json({"output_dir": report["output_dir"], "seconds": report["seconds"],
+                    "quantized_layers": len(report["quantized"]), "ignored": report["ignored"],
+                    "bits_per_weight": size["bits_per_weight"], "ratio_to_bf16": size["ratio_to_bf16"],
+                    "tensor_bytes": size["tensor_bytes"]})
+    return EXIT_OK
+
+
+def eval_ppl(args) -> int:
+    from .data import load_text
+    from .eval.perplexity import perplexity, tokenize
+
+    text = load_text(args.data)  # fail on bad data before loading a model
+    model, tok = load_for_eval(args.model, _dtype(args.dtype))
+    ids = tokenize(tok, text)
+    res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows)
+    print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
+          f"{res.dtype}, {res.tokens_per_s:.0f} tok/s)")
+    if args.json:
+        out = res.to_dict()
+        out.update(model=args.model, data=args.data)
+        print_json(out)
+    return EXIT_OK
+
+
+def info(args) -> int:
+    from .info import format_report, size_report
+
+    r = size_report(args.path)
+    print(format_report(r))
+    if args.json:
+        print_json(r)
+    return EXIT_OK
+
+
+def demo(args) -> int:
+    """bf16 vs RTN W4 g64 (sym) on the demo model: size and perplexity, as a table."""
+    from .config import QuantConfig, WeightScheme
+    from .data import load_text
+    from .eval.perplexity import perplexity, tokenize
+    from .info import size_report
+    from .models import load_pretrained, resolve
+    from .api import quantize as run
+
+    base_dir = resolve("smollm2-135m")
+    out = Path(args.output) / "smollm2-135m-w4g64"
+    config = QuantConfig(weights=WeightScheme(bits=4, group_size=64, symmetric=True))
+    run(base_dir, config, output_dir=out)
+    text = load_text("wiki")
+    rows = []
+    for label, spec in (("bf16", base_dir), ("rtn w4 g64 sym", str(out))):
+        model, tok = load_for_eval(spec)
+        res = perplexity(model, tokenize(tok, text), ctx=2048, max_windows=args.max_windows)
+        size = sum(f.stat().st_size for f in Path(spec).glob("*.safetensors"))
+        rows.append({"model": label, "ppl": round(res.ppl, 4), "bytes": size, "tokens": res.tokens})
+    base = rows[0]
+    print(f"\nSmolLM2-135M, built-in Wikipedia text, {rows[0]['tokens']} tokens, ctx 2048")
+    print(f"{'model':<16} {'ppl':>9} {'ppl ratio':>10} {'MiB':>8} {'size ratio':>11}")
+    for r in rows:
+        print(f"{r['model']:<16} {r['ppl']:>9.3f} {r['ppl'] / base['ppl']:>10.4f} "
+              f"{r['bytes'] / 2**20:>8.1f} {r['bytes'] / base['bytes']:>11.3f}")
+    print(f"\ncheckpoint: {out}  (load with llmzip.load or transformers.AutoModelForCausalLM)")
+    if args.json:
+        print_json({"rows": rows, "bits_per_weight": size_report(out)["bits_per_weight"]})
+    return EXIT_OK

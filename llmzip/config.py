@@ -1,0 +1,152 @@
+"""Quantization settings as frozen, validated dataclasses.
+
+A `QuantConfig` describes what the user asked for (method, bits, grouping, ...).
+`WeightScheme` is the per-layer view of it that algorithms, packing and kernels read.
+Every check raises `ConfigError` with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("rtn",)
+MIN_BITS, MAX_BITS = 2, 8
+# Linear layers that stay in full precision unless the user says otherwise.
+DEFAULT_IGNORE = (r"(^|\.)lm_head$",)
+
+
+class ConfigError(ValueError):
+    """A quantization setting is invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How one weight matrix [out, in] is quantized.
+
+    bits: 2..8. Codes are signed integers in [-2^(bits-1), 2^(bits-1) - 1].
+    group_size: number of consecutive input columns that share a scale; None means
+        one scale per output channel (per-channel).
+    symmetric: True -> dequant = q * scale; False -> dequant = (q - zero) * scale.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(
+                f"bits={self.bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS}"
+            )
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size <= 0
+        ):
+            raise ConfigError(
+                f"group_size={self.group_size!r} is invalid: use a positive integer, "
+                "or None (-1 on the command line) for per-channel scales"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def strategy(self) -> str:
+        return "channel" if self.group_size is None else "group"
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size is None else in_features // self.group_size
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        """Raise ConfigError if this scheme cannot quantize a [out, in] weight."""
+        g = self.group_size
+        if g is not None and in_features % g != 0:
+            good = [d for d in (32, 64, 128, 256) if in_features % d == 0]
+            hint = f"group sizes that divide it: {', '.join(map(str, good))}" if good else (
+                "no power-of-two group size divides it"
+            )
+            raise ConfigError(
+                f"layer '{name}': group size {g} does not divide its {in_features} input "
+                f"features ({hint}; or use --group-size -1 for per-channel, or --ignore the layer)"
+            )
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """MSE-optimal clipping: try shrinking the range by each ratio in a grid and keep,
+    per group, the ratio with the lowest squared reconstruction error.
+
+    grid: number of ratios tried, evenly spaced in [min_ratio, 1].
+    norm: exponent of the error (2.0 = MSE; 2.4 as in some AWQ/GPTQ tools).
+    """
+
+    grid: int = 20
+    min_ratio: float = 0.5
+    norm: float = 2.0
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ConfigError(f"clip grid={self.grid} must be at least 1")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ConfigError(f"clip min_ratio={self.min_ratio} must be in (0, 1]")
+        if self.norm <= 0:
+            raise ConfigError(f"clip norm={self.norm} must be positive")
+
+    def ratios(self) -> list[float]:
+        if self.grid == 1:
+            return [1.0]
+        step = (1.0 - self.min_ratio) / (self.grid - 1)
+        return [1.0 - i * step for i in range(self.grid)]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything `llmzip.quantize` needs to know.
+
+    method: "rtn" (round-to-nearest).
+    weights: the WeightScheme applied to every quantized Linear.
+    clip: MSE clipping search, or None for plain min/max ranges.
+    ignore: regexes (re.search on the module name) of Linears kept in full precision.
+        Embeddings are never quantized (they are not Linear layers).
+    """
+
+    method: str = "rtn"
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    clip: ClipSearch | None = None
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"method '{self.method}' is not available: choose one of {', '.join(METHODS)}"
+            )
+        if isinstance(self.ignore, (list, str)):
+            object.__setattr__(
+                self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
+            )
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"--ignore pattern {pattern!r} is not a valid regex: {e}") from e
+
+    def is_ignored(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.ignore)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        clip = d.get("clip")
+        return cls(
+            method=d["method"],
+            weights=WeightScheme(**d["weights"]),
+            clip=ClipSearch(**clip) if clip else None,
+            ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
+        )

@@ -1,0 +1,143 @@
+"""Text sources for evaluation (and, later, calibration), all offline-capable.
+
+Built-in corpora ship inside the `gensim==4.4.0` PyPI package (install it with
+`pip install --no-deps gensim==4.4.0`; only its data files are read, it is never
+imported):
+- "wiki": 106 English Wikipedia articles (CC BY-SA), markup stripped deterministically.
+  The evaluation corpus.
+- "lee": the Lee news background corpus. Reserved for calibration, so calibration
+  and evaluation text never overlap.
+Other sources: a text file path, or a `datasets` id written `hub:ID[:CONFIG]:SPLIT:COLUMN`
+(e.g. `hub:wikitext:wikitext-2-raw-v1:test:text`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import html
+import re
+import xml.etree.ElementTree as ET
+from functools import lru_cache
+from pathlib import Path
+
+from .models import package_dir
+
+GENSIM = ("gensim", "gensim==4.4.0")
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_FILE = "lee_background.cor"
+BUILTIN = ("wiki", "lee")
+
+
+class DataError(ValueError):
+    """A text source cannot be read; the message says why and what to do."""
+
+
+def _gensim_file(name: str) -> Path:
+    path = package_dir(*GENSIM) / "test" / "test_data" / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall with `pip install --no-deps {GENSIM[1]}`")
+    return path
+
+
+_WIKI_RULES = [
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"<ref[^>/]*/>", re.S), ""),
+    (re.compile(r"<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.I), ""),
+    (re.compile(r"\[\[[^\]|]*\|([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[\[([^\]]*)\]\]"), r"\1"),
+    (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),
+    (re.compile(r"\[https?://\S+\]"), ""),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
+    (re.compile(r"^[*#:;]+\s*", re.M), ""),
+    (re.compile(r"[ \t]+"), " "),
+    (re.compile(r"\n{3,}"), "\n\n"),
+]
+
+
+def _strip_nested(text: str, open_: str, close: str) -> str:
+    """Remove balanced open_..close spans (templates {{ }}, tables {| |})."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth += 1
+            i += len(open_)
+        elif depth and text.startswith(close, i):
+            depth -= 1
+            i += len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def clean_wikitext(text: str) -> str:
+    text = _strip_nested(text, "{{", "}}")
+    text = _strip_nested(text, "{|", "|}")
+    for pattern, repl in _WIKI_RULES:
+        text = pattern.sub(repl, text)
+    return html.unescape(text).strip()
+
+
+@lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, plain text) of each article in the built-in Wikipedia dump, in file order.
+    Redirects and articles under 500 characters after cleaning are dropped."""
+    articles = []
+    with bz2.open(_gensim_file(WIKI_FILE)) as fh:
+        title = None
+        for _, elem in ET.iterparse(fh):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text or ""
+            elif tag == "text":
+                raw = elem.text or ""
+                if not raw.lstrip().lower().startswith("#redirect"):
+                    body = clean_wikitext(raw)
+                    if len(body) >= 500:
+                        articles.append((title, body))
+            elif tag == "page":
+                elem.clear()
+    return tuple(articles)
+
+
+def builtin_text(name: str) -> str:
+    if name == "wiki":
+        return "\n\n".join(f"{t}\n\n{body}" for t, body in wiki_articles())
+    if name == "lee":
+        return _gensim_file(LEE_FILE).read_text(encoding="utf-8")
+    raise DataError(f"unknown built-in corpus '{name}': choose one of {', '.join(BUILTIN)}")
+
+
+def load_text(source: str) -> str:
+    """Whole text of a source: built-in name, text file, or `hub:ID[:CONFIG]:SPLIT:COLUMN`."""
+    if source in BUILTIN:
+        return builtin_text(source)
+    if source.startswith("hub:"):
+        return _dataset_text(source[4:])
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise DataError(
+        f"text source '{source}' not found: give a text file, a built-in corpus "
+        f"({', '.join(BUILTIN)}) or hub:ID[:CONFIG]:SPLIT:COLUMN"
+    )
+
+
+def _dataset_text(spec: str) -> str:
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise DataError(f"dataset spec 'hub:{spec}' must be hub:ID[:CONFIG]:SPLIT:COLUMN")
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("datasets is not installed: pip install 'llmzip[data]'") from e
+    name, config = parts[0], (parts[1] if len(parts) == 4 else None)
+    split, column = parts[-2], parts[-1]
+    ds = datasets.load_dataset(name, config, split=split)
+    if column not in ds.column_names:
+        raise DataError(f"column '{column}' not in {name}: it has {', '.join(ds.column_names)}")
+    return "\n\n".join(t for t in ds[column] if t)

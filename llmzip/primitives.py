@@ -1,0 +1,133 @@
+"""Integer quantization primitives: pure functions on tensors.
+
+Conventions (shared with the compressed-tensors format):
+- weight w: [out, in], float. Groups run along `in`: group j covers columns
+  [j*G, (j+1)*G). Per-channel is one group of width `in`.
+- scale: [out, n_groups] in the storage dtype (the model dtype); all rounding is done
+  against the scale *as stored*, so dequantization of the checkpoint is exact.
+- zero: [out, n_groups] int8 in [qmin, qmax] (asymmetric only), else None.
+- q: [out, in] int8 signed codes in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1].
+- dequant: (q - zero) * scale (zero = 0 when symmetric).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ClipSearch, WeightScheme
+
+
+def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, G] view in fp32."""
+    out_f, in_f = w.shape
+    g = in_f if scheme.group_size is None else scheme.group_size
+    return w.float().reshape(out_f, in_f // g, g)
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) that map [lo, hi] onto the integer grid without clipping.
+
+    lo, hi: [...] per-group range (fp32). The range is widened to include 0, so 0.0
+    is always exactly representable. Symmetric uses the sign that needs the larger
+    scale (positive values map to qmax, negative to qmin), so no value ever clips.
+    Returns scale in `scale_dtype` (never 0) and zero as int8 or None.
+    """
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    tiny = torch.finfo(scale_dtype).tiny * 16
+    if scheme.symmetric:
+        scale = torch.maximum(hi / scheme.qmax, lo / scheme.qmin)
+        scale = _store(scale.clamp(min=tiny), scale_dtype)
+        return scale, None
+    span = (1 << scheme.bits) - 1
+    scale = _store(((hi - lo) / span).clamp(min=tiny), scale_dtype)
+    s = scale.float()
+    zero = torch.round(scheme.qmin - lo / s).clamp(scheme.qmin, scheme.qmax)
+    return scale, zero.to(torch.int8)
+
+
+def _store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast the scale to its storage dtype, stepping one ulp up where the cast rounded
+    down, so the stored scale still covers [lo, hi] (a bf16 cast can shrink it by 0.4%)."""
+    stored = scale.to(dtype)
+    too_small = stored.float() < scale
+    if too_small.any():
+        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+        stored = torch.where(too_small, up, stored)
+    return stored
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: WeightScheme
+) -> torch.Tensor:
+    """Round w [out, in] to int8 codes [out, in] with the given per-group params."""
+    wg = _grouped(w, scheme)
+    s = scale.float().unsqueeze(-1)
+    q = torch.round(wg / s)
+    if zero is not None:
+        q = q + zero.float().unsqueeze(-1)
+    q = q.clamp(scheme.qmin, scheme.qmax)
+    return q.to(torch.int8).reshape(w.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int | None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Codes [out, in] -> weights [out, in] in `dtype` (default: scale's dtype).
+
+    The arithmetic runs in fp32 and is cast once at the end.
+    """
+    out_f, in_f = q.shape
+    g = in_f if group_size is None else group_size
+    qf = q.float().reshape(out_f, in_f // g, g)
+    if zero is not None:
+        qf = qf - zero.float().unsqueeze(-1)
+    w = (qf * scale.float().unsqueeze(-1)).reshape(out_f, in_f)
+    return w.to(dtype or scale.dtype)
+
+
+def minmax_qparams(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype):
+    """Per-group min/max range -> (scale, zero)."""
+    wg = _grouped(w, scheme)
+    return qparams_from_range(wg.amin(-1), wg.amax(-1), scheme, scale_dtype)
+
+
+def mse_clip_qparams(
+    w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, clip: ClipSearch
+):
+    """Per group, shrink the min/max range by each ratio of `clip` and keep the one
+    with the lowest sum |w - dq(q(w))|^norm. Ratio 1.0 is always tried, so the result
+    is never worse than `minmax_qparams` on that objective."""
+    wg = _grouped(w, scheme)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best_err = best_scale = best_zero = None
+    for r in clip.ratios():
+        scale, zero = qparams_from_range(lo * r, hi * r, scheme, scale_dtype)
+        q = quantize(w, scale, zero, scheme)
+        dq = dequantize(q, scale, zero, scheme.group_size, torch.float32)
+        err = (_grouped(dq, scheme) - wg).abs().pow(clip.norm).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10*log10(|ref|^2 / |ref - approx|^2)."""
+    ref = reference.float()
+    noise = (ref - approx.float()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()

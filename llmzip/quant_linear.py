@@ -1,0 +1,117 @@
+"""QuantLinear: a Linear layer that holds packed integer weights.
+
+Its tensors are named and laid out exactly as in a compressed-tensors
+"pack-quantized" checkpoint, so saving is a plain state_dict dump and loading is a
+plain `load_state_dict(assign=True)`:
+  weight_packed      int32 [out, ceil(in*bits/32)]   codes, see llmzip.packing
+  weight_scale       [out, n_groups]                 model dtype
+  weight_shape       int64 [2]                       (out, in)
+  weight_zero_point  int32 [ceil(out*bits/32), n_groups]  asymmetric only
+  weight_g_idx       int32 [in]                      act-order only
+  bias               [out]                           when the original had one
+The forward pass is delegated to the kernel chosen by llmzip.kernels.registry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import WeightScheme
+from .packing import pack_int32, packed_len
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: WeightScheme,
+        bias: bool = False,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.act_order = scheme, act_order
+        scheme.check_layer("<QuantLinear>", out_features, in_features)
+        n_groups = scheme.groups(in_features)
+        kw = {"device": device}
+        self.register_buffer(
+            "weight_packed",
+            torch.empty(out_features, packed_len(in_features, scheme.bits), dtype=torch.int32, **kw),
+        )
+        self.register_buffer("weight_scale", torch.empty(out_features, n_groups, dtype=dtype, **kw))
+        self.register_buffer(
+            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+        )
+        if not scheme.symmetric:
+            self.register_buffer(
+                "weight_zero_point",
+                torch.empty(packed_len(out_features, scheme.bits), n_groups, dtype=torch.int32, **kw),
+            )
+        if act_order:
+            self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self._kernel = None
+        self._kernel_device = None
+        self.refused_kernels: dict[str, str] = {}
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @classmethod
+    def from_quantized(
+        cls,
+        linear: nn.Linear,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        scheme: WeightScheme,
+        g_idx: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """Build from int8 codes q [out, in], scale [out, G], zero int8 [out, G]."""
+        dev = linear.weight.device
+        m = cls(
+            linear.in_features, linear.out_features, scheme, linear.bias is not None,
+            act_order=g_idx is not None, dtype=scale.dtype, device=dev,
+        )
+        m.weight_packed.copy_(pack_int32(q, scheme.bits, dim=1))
+        m.weight_scale.copy_(scale)
+        if zero is not None:
+            m.weight_zero_point.copy_(pack_int32(zero, scheme.bits, dim=0))
+        if g_idx is not None:
+            m.weight_g_idx.copy_(g_idx.to(torch.int32))
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.data.to(scale.dtype))
+        return m
+
+    @property
+    def kernel_name(self) -> str | None:
+        return None if self._kernel is None else self._kernel.name
+
+    def spec(self):
+        from llmzip.kernels.registry import LayerSpec
+
+        s = self.scheme
+        return LayerSpec(s.bits, s.group_size, s.symmetric, self.act_order, self.in_features, self.out_features)
+
+    def select_kernel(self, device: torch.device):
+        from llmzip.kernels.registry import select_kernel
+
+        self._kernel, self.refused_kernels = select_kernel(self.spec(), device)
+        self._kernel_device = device
+        return self._kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None or self._kernel_device != x.device:
+            self.select_kernel(x.device)
+        return self._kernel.linear(x, self)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        g = "channel" if s.group_size is None else f"g{s.group_size}"
+        sym = "sym" if s.symmetric else "asym"
+        return f"in={self.in_features}, out={self.out_features}, w{s.bits} {g} {sym}, bias={self.bias is not None}"

@@ -1,0 +1,35 @@
+"""Finding the Linear layers to quantize and swapping modules in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import QuantConfig
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
+    """Split the model's nn.Linear layers into (quantized, ignored) names, and check
+    every quantized one against the weight scheme (raises ConfigError naming the layer)."""
+    quantized, ignored = [], []
+    for name in linear_names(model):
+        if config.is_ignored(name):
+            ignored.append(name)
+            continue
+        m = model.get_submodule(name)
+        config.weights.check_layer(name, m.out_features, m.in_features)
+        quantized.append(name)
+    return quantized, ignored

@@ -1,0 +1,1 @@
+"""Serving compressed models over HTTP (OpenAI-compatible); see the project issues."""

