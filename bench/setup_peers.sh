@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Peer tools, each in its own virtualenv under bench/.venvs (never in llmzip's).
+set -euo pipefail
+cd "$(dirname "$0")"
+mkdir -p .venvs
+if [ ! -x .venvs/llmcompressor/bin/python ]; then
+  python3 -m venv .venvs/llmcompressor
+  .venvs/llmcompressor/bin/pip install -q --upgrade pip
+  .venvs/llmcompressor/bin/pip install -q torch==2.13.0
+  .venvs/llmcompressor/bin/pip install -q "llmcompressor==0.14.*"
+fi
