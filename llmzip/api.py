@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .algorithms import rtn
 from .checkpoint import check_output_dir, quantization_config, save
-from .config import QuantConfig
+from .calibration import CalibConfig, calibration_ids
+from .config import ConfigError, QuantConfig
 from .models import load_pretrained
 from .primitives import dequantize
 from .quant_linear import QuantLinear
@@ -37,24 +38,31 @@ def versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True) -> dict:
+def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True, device=None) -> dict:
     """Replace every targeted nn.Linear of `model` by a QuantLinear, in place.
+
+    device: where the rounding math runs (default: CUDA when available, else CPU);
+    one weight at a time is moved there, so memory on it stays ~one layer.
 
     Returns a report: {"quantized": [...], "ignored": [...], "layers": {name: {"rel_err": e}}}
     where rel_err = ||W - dequant(q)||_F / ||W||_F per layer.
     """
     quantized, ignored = targets(model, config)  # validates every layer before any work
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not quantized:
         raise ValueError("no Linear layer left to quantize: check --ignore")
     layers = {}
     for name in tqdm(quantized, desc=f"{config.method} w{config.weights.bits}", unit="layer", disable=not progress):
         lin = model.get_submodule(name)
-        w = lin.weight.data
+        w = lin.weight.data.to(device)
         res = rtn(w, config.weights, config.clip)
         dq = dequantize(res.q, res.scale, res.zero, config.weights.group_size, torch.float32)
         rel = ((dq - w.float()).norm() / w.float().norm().clamp(min=1e-30)).item()
         layers[name] = {"rel_err": round(rel, 6)}
-        set_module(model, name, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
+        home = lin.weight.device
+        zero = None if res.zero is None else res.zero.to(home)
+        set_module(model, name, QuantLinear.from_quantized(lin, res.q.to(home), res.scale.to(home), zero,
+                                                           config.weights, res.g_idx))
         del lin, w
     return {"quantized": quantized, "ignored": ignored, "layers": layers}
 
@@ -67,19 +75,37 @@ def quantize(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    device: str | None = None,
+    calib: CalibConfig | None = None,
+    resume: bool = False,
 ):
     """Quantize a model (demo alias, local dir, hub id or a loaded nn.Module).
 
-    Writes a compressed-tensors checkpoint to `output_dir` when given.
+    Writes a compressed-tensors checkpoint to `output_dir` when given. Calibrated
+    methods (gptq) read `calib` (default: CalibConfig(), the built-in "lee" text)
+    and need the tokenizer (loaded with the model when `model` is a string); they
+    save each finished layer next to `output_dir`, and `resume=True` continues from
+    there after a crash, with a bit-identical result.
     Returns (model, report).
     """
     t0 = time.perf_counter()
     if output_dir is not None:
         check_output_dir(output_dir)
+        g = config.gptq
+        if config.method == "gptq" and g.act_order and not g.static_groups and config.weights.group_size:
+            raise ConfigError(
+                "act-order with dynamic groups needs a g_idx, which compressed-tensors >= 0.20 no longer "
+                "stores: use static_groups=True (what --act-order does) to write a checkpoint"
+            )
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    report = quantize_model(model, config, progress=progress)
+    calib_meta = None
+    if config.method == "gptq":
+        report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,
+                                         output_dir, resume)
+    else:
+        report = quantize_model(model, config, progress=progress, device=device)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if output_dir is not None:
         metadata = {
@@ -88,11 +114,44 @@ def quantize(
             "config": config.to_dict(),
             "source": str(source),
             "versions": versions(),
-            "calibration": None,  # RTN uses no data; calibrated methods record a digest
+            "calibration": calib_meta,  # None for RTN, which uses no data
             "layers": report["layers"],
+            "blocks": report.get("blocks"),
             "quantize_seconds": report["seconds"],
         }
-        qc = quantization_config(config.weights, report["ignored"])
+        act = config.method == "gptq" and config.gptq.act_order and config.weights.group_size is not None
+        qc = quantization_config(config.weights, report["ignored"], "weight" if act else None)
         report["output_dir"] = str(save(model, tokenizer, output_dir, qc, metadata))
+    checkpoints = report.pop("checkpoints", None)
+    if checkpoints is not None:
+        checkpoints.clear()  # the checkpoint is complete; progress is no longer needed
     return model, report
 
+
+
+def work_dir(output_dir: str | Path) -> Path:
+    """Hidden directory next to the output where a calibrated run keeps its progress."""
+    out = Path(output_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.llmzip-work"
+
+
+def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, resume):
+    from .resume import LayerCheckpoints
+    from .sequential import gptq_quantize_model
+
+    if tokenizer is None:
+        raise ValueError("calibrated quantization needs the tokenizer: pass tokenizer=")
+    quantized, ignored = targets(model, config)
+    ids, digest = calibration_ids(tokenizer, calib)
+    log.info("calibration: %d samples x %d tokens from '%s' (digest %s)", *ids.shape, calib.source, digest)
+    checkpoints = None
+    if output_dir is not None:
+        fingerprint = {"config": config.to_dict(), "calib_digest": digest, "targets": quantized, "versions": versions()}
+        checkpoints = LayerCheckpoints(work_dir(output_dir), fingerprint)
+        if resume and checkpoints.progress() is None:
+            log.info("resume: no matching progress in %s; starting from layer 0", checkpoints.dir)
+    report = gptq_quantize_model(model, config, ids, quantized, device=device, progress=progress,
+                                 checkpoints=checkpoints, resume=resume)
+    report.update(quantized=quantized, ignored=ignored)
+    report["checkpoints"] = checkpoints
+    return report, {**calib.to_dict(), "digest": digest}

@@ -31,9 +31,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or in a format llmzip cannot load."""
 
 
-def quantization_config(scheme: WeightScheme, ignored: list[str], act_order: bool = False) -> dict:
+def quantization_config(scheme: WeightScheme, ignored: list[str], actorder: str | None = None) -> dict:
     """The config.json `quantization_config` block, built with compressed-tensors' own
-    schema so that its loaders (transformers, vLLM) read it as they expect."""
+    schema so that its loaders (transformers, vLLM) read it as they expect.
+
+    actorder: None, or "weight" (GPTQ act-order with static, contiguous groups; no
+    g_idx). compressed-tensors >= 0.20 no longer accepts "group" (exported g_idx)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     args = QuantizationArgs(
@@ -42,7 +45,7 @@ def quantization_config(scheme: WeightScheme, ignored: list[str], act_order: boo
         symmetric=scheme.symmetric,
         strategy=scheme.strategy,
         group_size=scheme.group_size,
-        actorder="group" if act_order else None,
+        actorder=actorder,
     )
     qc = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
@@ -140,7 +143,7 @@ def read_scheme(qc: dict) -> LoadedScheme:
         )
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
-    return LoadedScheme(scheme, w.get("actorder") is not None, tuple(qc.get("ignore", [])))
+    return LoadedScheme(scheme, w.get("actorder") == "group", tuple(qc.get("ignore", [])))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -26,10 +26,12 @@ def load_for_eval(model: str, dtype=None):
 
 
 def quantize(args) -> int:
-    from .config import DEFAULT_IGNORE, ClipSearch, QuantConfig, WeightScheme
     from .api import quantize as run
+    from .calibration import CalibConfig
+    from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme
 
     config = QuantConfig(
+        gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if args.clip_search else None,
@@ -37,7 +39,9 @@ def quantize(args) -> int:
     )
     _, report = run(
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, device=args.device,
+        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed) if args.method != "rtn" else None,
+        resume=args.resume,
     )
     from .info import format_report, size_report
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 MIN_BITS, MAX_BITS = 2, 8
 # Linear layers that stay in full precision unless the user says otherwise.
 DEFAULT_IGNORE = (r"(^|\.)lm_head$",)
@@ -105,10 +105,33 @@ class ClipSearch:
 
 
 @dataclass(frozen=True)
+class GPTQSettings:
+    """damp: fraction of the mean Hessian diagonal added to the diagonal; raised x10
+    (up to max_damp) when the Cholesky factorisation fails.
+    act_order: quantize columns in order of decreasing Hessian diagonal.
+    static_groups: with act_order, fix group parameters from the unmodified weight in
+    natural column order, so groups stay contiguous and no g_idx is needed."""
+
+    damp: float = 0.01
+    max_damp: float = 10.0
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.damp <= self.max_damp:
+            raise ConfigError(f"GPTQ damp={self.damp} must be in (0, max_damp={self.max_damp}]")
+        if self.block_size < 1:
+            raise ConfigError(f"GPTQ block_size={self.block_size} must be positive")
+        if self.static_groups and not self.act_order:
+            raise ConfigError("static groups only apply with act-order: add --act-order")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything `llmzip.quantize` needs to know.
 
-    method: "rtn" (round-to-nearest).
+    method: "rtn" (round-to-nearest) or "gptq" (needs calibration data).
     weights: the WeightScheme applied to every quantized Linear.
     clip: MSE clipping search, or None for plain min/max ranges.
     ignore: regexes (re.search on the module name) of Linears kept in full precision.
@@ -119,6 +142,7 @@ class QuantConfig:
     weights: WeightScheme = field(default_factory=WeightScheme)
     clip: ClipSearch | None = None
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -149,4 +173,5 @@ class QuantConfig:
             weights=WeightScheme(**d["weights"]),
             clip=ClipSearch(**clip) if clip else None,
             ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
+            gptq=GPTQSettings(**d.get("gptq", {})),
         )

@@ -60,6 +60,11 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch
             f"{packed.shape[1]} int32 words cannot hold {n} {bits}-bit values "
             f"(expected {packed_len(n, bits)})"
         )
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, a shift and a mask
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        u = u.reshape(packed.shape[0], -1)[:, :n]
+        return (u - (1 << (bits - 1))).to(torch.int8)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros_like(words[:, :1])], dim=1)
     word, offset = _bit_positions(n, bits, packed.device)

@@ -1,0 +1,181 @@
+"""Layer-by-layer calibrated quantization (GPTQ) in bounded memory.
+
+1. Run the calibration samples through the embeddings and catch what enters
+   decoder layer 0 (hidden states plus the keyword arguments the model passes).
+2. For each decoder layer: move only it to the compute device, feed it the caught
+   inputs while hooks accumulate each target Linear's input Hessian, quantize each
+   Linear with GPTQ, swap in QuantLinear modules, and re-run the quantized layer to
+   produce the next layer's inputs (so later layers calibrate on what they will see).
+Only one decoder layer and the activations of the calibration set are on the
+compute device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.gptq import HessianAccumulator, gptq
+from .arch import decoder_layers
+from .config import QuantConfig
+from .primitives import dequantize
+from .quant_linear import QuantLinear
+from .resume import LayerCheckpoints
+from .surgery import set_module
+
+log = logging.getLogger("llmzip")
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records its inputs, then stops the forward pass."""
+
+    def __init__(self, store: list, kwargs: dict):
+        super().__init__()
+        self.store, self.kwargs = store, kwargs
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append(hidden_states)
+        if not self.kwargs:
+            self.kwargs.update(kwargs)
+        raise _Caught
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, device) -> tuple[list, dict]:
+    """Hidden states entering layer 0 for each sample (batch of 1), and the kwargs."""
+    store, kwargs = [], {}
+    saved = dict(layers._modules)
+    # Leave only the catcher in the layer list, so moving the model to the device
+    # moves the embeddings and rotary tables but no decoder layer.
+    layers._modules.clear()
+    layers._modules["0"] = _Catcher(store, kwargs)
+    try:
+        model.to(device)
+        for row in ids:
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        layers._modules.clear()
+        layers._modules.update(saved)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    return store, kwargs
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    ids: torch.Tensor,
+    targets: list[str],
+    device=None,
+    progress: bool = True,
+    checkpoints: LayerCheckpoints | None = None,
+    resume: bool = False,
+) -> dict:
+    """Quantize `targets` (names of nn.Linear) of `model` in place with GPTQ.
+
+    ids: [samples, seq_len] calibration tokens. checkpoints: where finished layers
+    are saved; with resume=True, layers already saved there are restored instead of
+    recomputed. Returns {"layers": per-Linear stats, "blocks": per-layer stats}.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = decoder_layers(model)
+    prefix = _prefix(model, layers)
+    outside = [t for t in targets if not t.startswith(prefix)]
+    if outside:
+        raise ValueError(f"GPTQ quantizes Linears inside decoder layers only; --ignore these: {outside[:5]}")
+    saved = checkpoints.progress() if (checkpoints and resume) else None
+    done = saved["done"] if saved else 0
+    stats, blocks = (saved["layers"], saved["blocks"]) if saved else ({}, [])
+    if checkpoints and not saved:
+        checkpoints.start()
+    # The kwargs (rotary tables, mask) depend only on the sequence length.
+    inputs, kwargs = capture_inputs(model, layers, ids[:1] if saved else ids, device)
+    model.to("cpu")
+    if saved:
+        log.info("resume: %d of %d layers restored from %s", done, len(layers), checkpoints.dir)
+        for i in range(done):
+            _restore_layer(layers[i], f"{prefix}{i}.", targets, config, checkpoints.layer_state(i))
+        inputs = [x.to(device) for x in checkpoints.inputs(done)]
+    bar = tqdm(range(len(layers)), desc="gptq", unit="layer", initial=done, disable=not progress)
+    for i in range(done, len(layers)):
+        layer = layers[i].to(device)
+        inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config)
+        stats.update(layer_stats)
+        blocks.append({"layer": i, **block})
+        layers[i] = layer.to("cpu")
+        if checkpoints:
+            checkpoints.save_layer(i, layers[i].state_dict(), inputs, stats, blocks)
+        if device.type == "cuda":
+            bar.set_postfix(gpu_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+        bar.update(1)
+    bar.close()
+    return {"layers": stats, "blocks": blocks}
+
+
+def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig):
+    """GPTQ every target Linear of one decoder layer; returns (next inputs, stats, block)."""
+    t0 = time.perf_counter()
+    names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
+    hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
+    try:
+        ref = [_first(layer(x, **kwargs)) for x in inputs]
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = {}
+    for n, lin in names.items():
+        res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
+        stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config), "damp": info["damp"]}
+        set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
+    outs = [_first(layer(x, **kwargs)) for x in inputs]
+    # Error of what the block adds to the residual stream (out - in), relative to
+    # that update: the residual itself would hide the error.
+    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
+    den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
+    block = {"rel_update_mse": round(num / max(den, 1e-30), 6), "seconds": round(time.perf_counter() - t0, 3)}
+    return outs, stats, block
+
+
+def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state: dict) -> None:
+    """Swap in QuantLinear modules for a layer finished in an earlier run and load it."""
+    for n, lin in list(layer.named_modules()):
+        if prefix + n in targets and isinstance(lin, nn.Linear):
+            ql = QuantLinear(lin.in_features, lin.out_features, config.weights, lin.bias is not None,
+                             act_order=f"{n}.weight_g_idx" in state, dtype=lin.weight.dtype, device="cpu")
+            set_module(layer, n, ql)
+    layer.load_state_dict(state, strict=True)
+
+
+def _prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name + "."
+    raise ValueError("decoder layers are not a submodule of the model")
+
+
+def _weight_err(w: torch.Tensor, res, config: QuantConfig) -> float:
+    if res.g_idx is not None:
+        g = res.g_idx.long()
+        z = 0 if res.zero is None else res.zero.float()[:, g]
+        dq = (res.q.float() - z) * res.scale.float()[:, g]
+    else:
+        dq = dequantize(res.q, res.scale, res.zero, config.weights.group_size, torch.float32)
+    return round(((dq - w.float()).norm() / w.float().norm().clamp(min=1e-30)).item(), 6)

@@ -1,0 +1,110 @@
+"""GPTQ: the pure function on layers with known Hessians, and the sequential runner."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from llmzip.algorithms import rtn
+from llmzip.algorithms.gptq import HessianAccumulator, gptq
+from llmzip.api import quantize_model
+from llmzip.config import ConfigError, GPTQSettings, QuantConfig, WeightScheme
+from llmzip.primitives import dequantize
+from llmzip.sequential import gptq_quantize_model
+from llmzip.surgery import targets
+
+
+def _problem(out_f=128, in_f=256, n=2048, seed=0):
+    """A weight and correlated, unevenly scaled inputs (as real activations are)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) * 0.02
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5
+    X = (torch.randn(n, in_f, generator=g) @ mix) * torch.linspace(0.1, 3.0, in_f)
+    acc = HessianAccumulator(in_f)
+    for xb in X.split(300):
+        acc.add(xb)
+    return W, X, acc.H
+
+
+def _dense(res, group_size):
+    if res.g_idx is not None:
+        g = res.g_idx.long()
+        z = 0 if res.zero is None else res.zero.float()[:, g]
+        return (res.q.float() - z) * res.scale.float()[:, g]
+    return dequantize(res.q, res.scale, res.zero, group_size, torch.float32)
+
+
+def _out_err(W, X, dq):
+    return ((X @ (dq - W).t()).pow(2).mean() / (X @ W.t()).pow(2).mean()).item()
+
+
+def test_hessian_accumulator_is_exact_running_mean():
+    _, X, H = _problem(n=1000)
+    assert torch.allclose(H, 2 * X.t() @ X / 1000, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 64), WeightScheme(4, 64, False), WeightScheme(3, None)],
+                         ids=["w4g64", "w4g64asym", "w3ch"])
+@pytest.mark.parametrize("settings,max_ratio", [
+    (GPTQSettings(), 0.8),
+    (GPTQSettings(act_order=True), 0.4),
+    (GPTQSettings(act_order=True, static_groups=True), 0.4),
+], ids=["plain", "act_order", "static_groups"])  # measured ratios 0.72-0.74 and 0.30-0.32
+def test_gptq_beats_rtn_output_error(scheme, settings, max_ratio):
+    W, X, H = _problem()
+    e_rtn = _out_err(W, X, _dense(rtn(W, scheme), scheme.group_size))
+    res, info = gptq(W, H, scheme, settings)
+    assert res.q.dtype == torch.int8 and int(res.q.min()) >= scheme.qmin and int(res.q.max()) <= scheme.qmax
+    assert info["damp"] == settings.damp
+    assert _out_err(W, X, _dense(res, scheme.group_size)) < max_ratio * e_rtn
+
+
+def test_act_order_g_idx_and_static_groups_are_consistent():
+    W, _, H = _problem()
+    scheme = WeightScheme(4, 64)
+    dyn, _ = gptq(W, H, scheme, GPTQSettings(act_order=True))
+    assert dyn.g_idx is not None and dyn.g_idx.shape == (256,)
+    assert torch.bincount(dyn.g_idx.long()).tolist() == [64] * 4  # every group holds G columns
+    perm = torch.argsort(torch.diagonal(H), descending=True)
+    assert torch.equal(dyn.g_idx.long()[perm], torch.arange(256) // 64)  # groups follow quantization order
+    static, _ = gptq(W, H, scheme, GPTQSettings(act_order=True, static_groups=True))
+    assert static.g_idx is None  # contiguous groups: the plain checkpoint layout
+    assert torch.equal(static.scale, rtn(W, scheme).scale)  # fixed from the unmodified weight
+
+
+def test_singular_hessian_is_damped_not_nan():
+    W, X, _ = _problem()
+    acc = HessianAccumulator(256)
+    acc.add(X[:16])  # rank 16 << 256
+    H = acc.H.clone()
+    H[:, 5] = H[5, :] = 0.0  # a dead input column
+    H[7, 7] = -1.0  # and a broken diagonal entry, so the first Cholesky fails
+    res, info = gptq(W, H, WeightScheme(4, 64), GPTQSettings(damp=1e-6))
+    assert info["damp"] > 1e-6
+    assert torch.isfinite(res.scale.float()).all()
+    assert (res.q[:, 5] == 0).all()  # dead column quantized to exactly 0
+
+
+def test_static_groups_require_act_order():
+    with pytest.raises(ConfigError, match="add --act-order"):
+        GPTQSettings(static_groups=True)
+
+
+def test_sequential_runner_beats_rtn_on_tiny_llama():
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(1))
+    test = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = tiny_llama(dtype=torch.float32)(test).logits
+    errs = {}
+    for name, cfg in [("rtn", QuantConfig(weights=WeightScheme(3, 32))),
+                      ("gptq", QuantConfig(method="gptq", weights=WeightScheme(3, 32)))]:
+        model = tiny_llama(dtype=torch.float32)
+        if name == "rtn":
+            quantize_model(model, cfg, progress=False)
+        else:
+            names, _ = targets(model, cfg)
+            report = gptq_quantize_model(model, cfg, ids, names, progress=False)
+            assert len(report["layers"]) == 14 and len(report["blocks"]) == 2
+            assert all(0 < b["rel_update_mse"] < 0.15 for b in report["blocks"])  # measured 0.066, 0.034
+        with torch.no_grad():
+            errs[name] = ((model(test).logits - ref).norm() / ref.norm()).item()
+    assert errs["gptq"] < 0.9 * errs["rtn"]  # measured 0.283 vs 0.343
