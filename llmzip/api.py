@@ -15,10 +15,11 @@ from . import __version__
 from .algorithms import rtn
 from .checkpoint import check_output_dir, quantization_config, save
 from .calibration import CalibConfig, calibration_ids
-from .config import ConfigError, QuantConfig
+from .config import CALIBRATED, ConfigError, QuantConfig
 from .models import load_pretrained
 from .primitives import dequantize
 from .quant_linear import QuantLinear
+from .sequential import peak_rss_bytes
 from .surgery import set_module, targets
 
 log = logging.getLogger("llmzip")
@@ -92,7 +93,7 @@ def quantize(
     if output_dir is not None:
         check_output_dir(output_dir)
         g = config.gptq
-        if config.method == "gptq" and g.act_order and not g.static_groups and config.weights.group_size:
+        if "gptq" in config.method and g.act_order and not g.static_groups and config.weights.group_size:
             raise ConfigError(
                 "act-order with dynamic groups needs a g_idx, which compressed-tensors >= 0.20 no longer "
                 "stores: use static_groups=True (what --act-order does) to write a checkpoint"
@@ -101,12 +102,13 @@ def quantize(
     if isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     calib_meta = None
-    if config.method == "gptq":
+    if config.method in CALIBRATED:
         report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,
                                          output_dir, resume)
     else:
         report = quantize_model(model, config, progress=progress, device=device)
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
     if output_dir is not None:
         metadata = {
             "format_version": 1,
@@ -118,8 +120,9 @@ def quantize(
             "layers": report["layers"],
             "blocks": report.get("blocks"),
             "quantize_seconds": report["seconds"],
+            "peak_rss_mib": report["peak_rss_mib"],
         }
-        act = config.method == "gptq" and config.gptq.act_order and config.weights.group_size is not None
+        act = "gptq" in config.method and config.gptq.act_order and config.weights.group_size is not None
         qc = quantization_config(config.weights, report["ignored"], "weight" if act else None)
         report["output_dir"] = str(save(model, tokenizer, output_dir, qc, metadata))
     checkpoints = report.pop("checkpoints", None)
@@ -137,7 +140,7 @@ def work_dir(output_dir: str | Path) -> Path:
 
 def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, resume):
     from .resume import LayerCheckpoints
-    from .sequential import gptq_quantize_model
+    from .sequential import calibrate_model
 
     if tokenizer is None:
         raise ValueError("calibrated quantization needs the tokenizer: pass tokenizer=")
@@ -150,7 +153,7 @@ def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, r
         checkpoints = LayerCheckpoints(work_dir(output_dir), fingerprint)
         if resume and checkpoints.progress() is None:
             log.info("resume: no matching progress in %s; starting from layer 0", checkpoints.dir)
-    report = gptq_quantize_model(model, config, ids, quantized, device=device, progress=progress,
+    report = calibrate_model(model, config, ids, quantized, device=device, progress=progress,
                                  checkpoints=checkpoints, resume=resume)
     report.update(quantized=quantized, ignored=ignored)
     report["checkpoints"] = checkpoints

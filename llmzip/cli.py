@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors checkpoint")
     q.add_argument("model", help="demo alias, local model dir or hub id")
     q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization algorithm (default: rtn)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
+                   help="rtn (no data), or calibrated: gptq, awq, awq+gptq (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 = per-channel (default: 128)")
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-grid", type=int, default=20, help="shrink ratios tried by --clip-search (default: 20)")
     q.add_argument("--ignore", action="append", default=None, metavar="REGEX",
                    help="keep matching Linear layers in full precision (repeatable; default: lm_head)")
-    c = q.add_argument_group("calibration (gptq)")
+    c = q.add_argument_group("calibration (gptq, awq, awq+gptq)")
     c.add_argument("--calib", default="lee", help="built-in corpus (lee), text file or hub:ID[:CONFIG]:SPLIT:COLUMN")
     c.add_argument("--samples", type=int, default=128, help="calibration sequences (default: 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")

@@ -46,14 +46,14 @@ def quantize(args) -> int:
     from .info import format_report, size_report
 
     size = size_report(report["output_dir"])
-    log.info("wrote %s in %.1fs (%d layers quantized, %d kept)", report["output_dir"], report["seconds"],
-             len(report["quantized"]), len(report["ignored"]))
+    log.info("wrote %s in %.1fs (%d layers quantized, %d kept; peak RSS %d MiB)", report["output_dir"],
+             report["seconds"], len(report["quantized"]), len(report["ignored"]), report["peak_rss_mib"])
     print(format_report(size))
     if args.json:
         print_json({"output_dir": report["output_dir"], "seconds": report["seconds"],
                     "quantized_layers": len(report["quantized"]), "ignored": report["ignored"],
                     "bits_per_weight": size["bits_per_weight"], "ratio_to_bf16": size["ratio_to_bf16"],
-                    "tensor_bytes": size["tensor_bytes"]})
+                    "tensor_bytes": size["tensor_bytes"], "peak_rss_mib": report["peak_rss_mib"]})
     return EXIT_OK
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_BITS, MAX_BITS = 2, 8
 # Linear layers that stay in full precision unless the user says otherwise.
 DEFAULT_IGNORE = (r"(^|\.)lm_head$",)
@@ -128,10 +129,30 @@ class GPTQSettings:
 
 
 @dataclass(frozen=True)
+class AWQSettings:
+    """grid: alphas tried for the scale search (alpha = i / grid, i < grid; 0 = RTN).
+    clip: also search per-group clipping ratios on the output error (clip_grid ratios
+    in [0.5, 1]); not for q/k projections. max_tokens / clip_tokens: activation rows
+    (evenly strided over the calibration set) used by the two searches."""
+
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_tokens: int = 4096
+    clip_tokens: int = 512
+
+    def __post_init__(self):
+        if self.grid < 1 or self.clip_grid < 1 or self.max_tokens < 1 or self.clip_tokens < 1:
+            raise ConfigError(f"AWQ settings must be positive: {self}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything `llmzip.quantize` needs to know.
 
-    method: "rtn" (round-to-nearest) or "gptq" (needs calibration data).
+    method: "rtn" (round-to-nearest, no data), or a calibrated method: "gptq",
+        "awq" (activation-aware scales + clipping, then RTN), "awq+gptq" (AWQ scales,
+        then GPTQ rounding).
     weights: the WeightScheme applied to every quantized Linear.
     clip: MSE clipping search, or None for plain min/max ranges.
     ignore: regexes (re.search on the module name) of Linears kept in full precision.
@@ -143,6 +164,7 @@ class QuantConfig:
     clip: ClipSearch | None = None
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    awq: AWQSettings = field(default_factory=AWQSettings)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -174,4 +196,5 @@ class QuantConfig:
             clip=ClipSearch(**clip) if clip else None,
             ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
             gptq=GPTQSettings(**d.get("gptq", {})),
+            awq=AWQSettings(**d.get("awq", {})),
         )

@@ -7,14 +7,16 @@ imported):
   The evaluation corpus.
 - "lee": the Lee news background corpus. Reserved for calibration, so calibration
   and evaluation text never overlap.
-Other sources: a text file path, or a `datasets` id written `hub:ID[:CONFIG]:SPLIT:COLUMN`
-(e.g. `hub:wikitext:wikitext-2-raw-v1:test:text`).
+Other sources: a text file; a .jsonl or .parquet file (column "text", or
+`file.jsonl:COLUMN`); or a `datasets` id (or local dataset directory) written
+`hub:ID[:CONFIG]:SPLIT:COLUMN` (e.g. `hub:wikitext:wikitext-2-raw-v1:test:text`).
 """
 
 from __future__ import annotations
 
 import bz2
 import html
+import json
 import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
@@ -118,13 +120,33 @@ def load_text(source: str) -> str:
         return builtin_text(source)
     if source.startswith("hub:"):
         return _dataset_text(source[4:])
-    path = Path(source).expanduser()
+    path, column = Path(source).expanduser(), "text"
+    if not path.is_file() and ":" in source:  # records file with a column: data.jsonl:content
+        head, column = source.rsplit(":", 1)
+        path = Path(head).expanduser()
+    if path.is_file() and path.suffix in (".jsonl", ".parquet"):
+        return _records_text(path, column)
     if path.is_file():
         return path.read_text(encoding="utf-8")
     raise DataError(
-        f"text source '{source}' not found: give a text file, a built-in corpus "
+        f"text source '{source}' not found: give a text, .jsonl or .parquet file, a built-in corpus "
         f"({', '.join(BUILTIN)}) or hub:ID[:CONFIG]:SPLIT:COLUMN"
     )
+
+
+def _records_text(path: Path, column: str) -> str:
+    """The `column` of every record of a .jsonl or .parquet file, joined by blank lines."""
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError("reading parquet needs pyarrow: pip install 'llmzip[data]'") from e
+        rows = pq.read_table(path).to_pylist()
+    if rows and column not in rows[0]:
+        raise DataError(f"column '{column}' not in {path}: it has {', '.join(rows[0])}; use {path}:COLUMN")
+    return "\n\n".join(r[column] for r in rows if r.get(column))
 
 
 def _dataset_text(spec: str) -> str:

@@ -1,4 +1,4 @@
-"""Layer-by-layer calibrated quantization (GPTQ) in bounded memory.
+"""Layer-by-layer calibrated quantization (GPTQ, AWQ, AWQ+GPTQ) in bounded memory.
 
 1. Run the calibration samples through the embeddings and catch what enters
    decoder layer 0 (hidden states plus the keyword arguments the model passes).
@@ -19,12 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms import rtn
 from .algorithms.gptq import HessianAccumulator, gptq
-from .arch import decoder_layers
+from .arch import arch_of, decoder_layers
 from .config import QuantConfig
 from .primitives import dequantize
 from .quant_linear import QuantLinear
 from .resume import LayerCheckpoints
+from .smoothing import awq_layer
 from .surgery import set_module
 
 log = logging.getLogger("llmzip")
@@ -78,7 +80,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, d
 
 
 @torch.no_grad()
-def gptq_quantize_model(
+def calibrate_model(
     model: nn.Module,
     config: QuantConfig,
     ids: torch.Tensor,
@@ -88,18 +90,20 @@ def gptq_quantize_model(
     checkpoints: LayerCheckpoints | None = None,
     resume: bool = False,
 ) -> dict:
-    """Quantize `targets` (names of nn.Linear) of `model` in place with GPTQ.
+    """Quantize `targets` (names of nn.Linear) of `model` in place with a calibrated
+    method (config.method: gptq, awq or awq+gptq).
 
     ids: [samples, seq_len] calibration tokens. checkpoints: where finished layers
     are saved; with resume=True, layers already saved there are restored instead of
     recomputed. Returns {"layers": per-Linear stats, "blocks": per-layer stats}.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    arch = arch_of(model)
     layers = decoder_layers(model)
     prefix = _prefix(model, layers)
     outside = [t for t in targets if not t.startswith(prefix)]
     if outside:
-        raise ValueError(f"GPTQ quantizes Linears inside decoder layers only; --ignore these: {outside[:5]}")
+        raise ValueError(f"calibrated methods quantize Linears inside decoder layers only; --ignore these: {outside[:5]}")
     saved = checkpoints.progress() if (checkpoints and resume) else None
     done = saved["done"] if saved else 0
     stats, blocks = (saved["layers"], saved["blocks"]) if saved else ({}, [])
@@ -113,44 +117,58 @@ def gptq_quantize_model(
         for i in range(done):
             _restore_layer(layers[i], f"{prefix}{i}.", targets, config, checkpoints.layer_state(i))
         inputs = [x.to(device) for x in checkpoints.inputs(done)]
-    bar = tqdm(range(len(layers)), desc="gptq", unit="layer", initial=done, disable=not progress)
+    bar = tqdm(range(len(layers)), desc=config.method, unit="layer", initial=done, disable=not progress)
     for i in range(done, len(layers)):
         layer = layers[i].to(device)
-        inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config)
+        inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config,
+                                                     arch)
         stats.update(layer_stats)
         blocks.append({"layer": i, **block})
         layers[i] = layer.to("cpu")
         if checkpoints:
             checkpoints.save_layer(i, layers[i].state_dict(), inputs, stats, blocks)
+        mem = {"rss_gib": f"{peak_rss_bytes() / 2**30:.2f}"}
         if device.type == "cuda":
-            bar.set_postfix(gpu_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+            mem["gpu_gib"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
+        bar.set_postfix(mem)
         bar.update(1)
     bar.close()
     return {"layers": stats, "blocks": blocks}
 
 
-def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig):
-    """GPTQ every target Linear of one decoder layer; returns (next inputs, stats, block)."""
+def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig, arch):
+    """Quantize every target Linear of one decoder layer; returns (next inputs, stats, block)."""
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
-    hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
-    try:
-        ref = [_first(layer(x, **kwargs)) for x in inputs]
-    finally:
-        for h in hooks:
-            h.remove()
+    block, ref = {}, None
+    if config.method in ("awq", "awq+gptq"):
+        ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
+                                      lambda lyr, x: _first(lyr(x, **kwargs)))
     stats = {}
-    for n, lin in names.items():
-        res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
-        stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config), "damp": info["damp"]}
-        set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
+    if config.method in ("gptq", "awq+gptq"):
+        hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
+        hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
+        try:
+            smoothed_ref = [_first(layer(x, **kwargs)) for x in inputs]
+        finally:
+            for h in hooks:
+                h.remove()
+        ref = ref if ref is not None else smoothed_ref
+        for n, lin in names.items():
+            res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
+            stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config), "damp": info["damp"]}
+            set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
+    else:
+        for n, lin in names.items():
+            res = rtn(lin.weight.data, config.weights, config.clip)
+            stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config)}
+            set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
     outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
     # that update: the residual itself would hide the error.
     num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
     den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
-    block = {"rel_update_mse": round(num / max(den, 1e-30), 6), "seconds": round(time.perf_counter() - t0, 3)}
+    block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))
     return outs, stats, block
 
 
@@ -162,6 +180,13 @@ def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state
                              act_order=f"{n}.weight_g_idx" in state, dtype=lin.weight.dtype, device="cpu")
             set_module(layer, n, ql)
     layer.load_state_dict(state, strict=True)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prefix(model: nn.Module, layers: nn.ModuleList) -> str:

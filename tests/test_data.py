@@ -39,6 +39,21 @@ def test_text_file_and_local_dataset_dir(tmp_path):
         load_text(f"hub:{d}:test:body")
 
 
+def test_jsonl_and_parquet_records(tmp_path):
+    rows = [{"text": "alpha", "body": "x"}, {"text": "beta", "body": "y"}]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_text(str(f)) == "alpha\n\nbeta"
+    assert load_text(f"{f}:body") == "x\n\ny"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    assert load_text(str(tmp_path / "r.parquet")) == "alpha\n\nbeta"
+    with pytest.raises(DataError, match="column 'nope' not in"):
+        load_text(f"{f}:nope")
+
+
 @pytest.mark.parametrize("spec", ["nothing-here.txt", "hub:only-one-part"])
 def test_bad_sources_are_clear_errors(spec):
     with pytest.raises(DataError):

@@ -9,7 +9,7 @@ from llmzip.algorithms.gptq import HessianAccumulator, gptq
 from llmzip.api import quantize_model
 from llmzip.config import ConfigError, GPTQSettings, QuantConfig, WeightScheme
 from llmzip.primitives import dequantize
-from llmzip.sequential import gptq_quantize_model
+from llmzip.sequential import calibrate_model
 from llmzip.surgery import targets
 
 
@@ -102,7 +102,7 @@ def test_sequential_runner_beats_rtn_on_tiny_llama():
             quantize_model(model, cfg, progress=False)
         else:
             names, _ = targets(model, cfg)
-            report = gptq_quantize_model(model, cfg, ids, names, progress=False)
+            report = calibrate_model(model, cfg, ids, names, progress=False)
             assert len(report["layers"]) == 14 and len(report["blocks"]) == 2
             assert all(0 < b["rel_update_mse"] < 0.15 for b in report["blocks"])  # measured 0.066, 0.034
         with torch.no_grad():

@@ -1,0 +1,113 @@
+"""Applying AWQ to one decoder layer: capture activations, search, fold scales in.
+
+The search itself is pure (llmzip.algorithms.awq); this module owns the hooks and the
+in-place edits of the layer's weights, which keep the float model's function
+unchanged: prev's output channel j is divided by s_j, and column j of every balance
+Linear is multiplied by s_j.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .algorithms.awq import apply_clip, search_clip, search_scales
+from .arch import Arch, Smooth
+from .config import QuantConfig
+
+# Queries and keys pass through a softmax that amplifies errors; AWQ does not clip them.
+_NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+
+
+def _out_features(mod: nn.Module) -> int | None:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    w = getattr(mod, "weight", None)
+    return w.numel() if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def applicable(layer: nn.Module, m: Smooth) -> bool:
+    """True when prev exists and its output width equals every balance layer's input."""
+    try:
+        prev = layer.get_submodule(m.prev)
+        balance = [layer.get_submodule(b) for b in m.balance]
+    except AttributeError:
+        return False
+    width = _out_features(prev)
+    return width is not None and all(isinstance(b, nn.Linear) and b.in_features == width for b in balance)
+
+
+@torch.no_grad()
+def fold_scales(layer: nn.Module, m: Smooth, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide prev's output channels by s and multiply the balance layers' columns by s."""
+    prev = layer.get_submodule(m.prev)
+    s = s.float().to(prev.weight.device)
+    if isinstance(prev, nn.Linear):
+        prev.weight.copy_(prev.weight.float() / s.view(-1, 1))
+    else:  # a norm: y = x_normed * (offset + weight) [+ bias]
+        prev.weight.copy_((norm_offset + prev.weight.float()) / s - norm_offset)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.copy_(prev.bias.float() / s)
+    for name in m.balance:
+        lin = layer.get_submodule(name)
+        lin.weight.copy_(lin.weight.float() * s.view(1, -1))
+
+
+class _Inputs:
+    """Per-Linear input statistics: mean |x| over all tokens, and a strided sample."""
+
+    def __init__(self, stride: int):
+        self.stride, self.abs_sum, self.count, self.sample = stride, None, 0, []
+
+    def __call__(self, module, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        s = x.abs().sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[0]
+        self.sample.append(x[:: self.stride])
+
+    def absmean(self) -> torch.Tensor:
+        return self.abs_sum / self.count
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+
+@torch.no_grad()
+def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config: QuantConfig, arch: Arch,
+              run) -> tuple[list, dict]:
+    """Smooth (and clip) one layer in place. `names`: {relative name: nn.Linear} to be
+    quantized; `run(layer, x)` runs the layer on one input. Returns (float outputs
+    before smoothing, info per mapping)."""
+    awq = config.awq
+    total = sum(x.numel() // x.shape[-1] for x in inputs)
+    stats = {n: _Inputs(max(1, math.ceil(total / awq.max_tokens))) for n in names}
+    hooks = [m.register_forward_hook(stats[n]) for n, m in names.items()]
+    try:
+        ref = [run(layer, x) for x in inputs]
+    finally:
+        for h in hooks:
+            h.remove()
+    info, input_scale = {}, {}
+    for m in arch.awq:
+        if not applicable(layer, m) or not all(b in names for b in m.balance):
+            continue
+        first = stats[m.balance[0]]
+        weights = [layer.get_submodule(b).weight.float() for b in m.balance]
+        s, found = search_scales(first.tokens(), first.absmean(), weights, config.weights, awq.grid)
+        fold_scales(layer, m, s, arch.norm_offset)
+        for b in m.balance:
+            input_scale[b] = s
+        info[m.prev] = {k: round(v, 6) if isinstance(v, float) else v for k, v in found.items()}
+    if awq.clip:
+        for n, lin in names.items():
+            if n.rsplit(".", 1)[-1] in _NO_CLIP:
+                continue
+            x = stats[n].tokens()[: awq.clip_tokens]
+            if n in input_scale:
+                x = x / input_scale[n].to(x.device)
+            ratio = search_clip(x, lin.weight.float(), config.weights, grid=awq.clip_grid)
+            lin.weight.copy_(apply_clip(lin.weight.data, ratio, config.weights.group_size))
+    return ref, info
