@@ -68,6 +68,9 @@ def search_clip(
     G = scheme.group_size or in_f
     wg = w.float().reshape(out_f, in_f // G, G)
     xg = x.float().reshape(x.shape[0], in_f // G, G)
+    # sum_t (x_t,g . d_g)^2 = d_g^T C_g d_g with C_g = X_g^T X_g: one Gram matrix per
+    # group, so the cost per ratio no longer grows with the number of tokens.
+    gram = torch.einsum("tgk,tgl->gkl", xg, xg)
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     one = WeightScheme(scheme.bits, None, scheme.symmetric)
     best_err = torch.full((out_f, in_f // G), float("inf"), device=w.device)
@@ -78,7 +81,7 @@ def search_clip(
         dq = fake_quant(clipped, one).reshape(out_f, in_f // G, G)
         # error per (out, group): sum over tokens of (x_g . (dq_g - w_g))^2
         diff = dq - wg
-        err = torch.einsum("tgk,ogk->tog", xg, diff).pow(2).sum(0)
+        err = torch.einsum("ogk,gkl,ogl->og", diff, gram, diff)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
