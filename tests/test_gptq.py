@@ -108,3 +108,23 @@ def test_sequential_runner_beats_rtn_on_tiny_llama():
         with torch.no_grad():
             errs[name] = ((model(test).logits - ref).norm() / ref.norm()).item()
     assert errs["gptq"] < 0.9 * errs["rtn"]  # measured 0.283 vs 0.343
+
+
+def test_act_order_checkpoint_loads_in_transformers(tmp_path):
+    """GPTQ act-order (static groups) exports as compressed-tensors `actorder: weight`."""
+    from transformers import AutoModelForCausalLM
+
+    from llmzip.checkpoint import load, quantization_config, save
+
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(method="gptq", weights=WeightScheme(4, 32), gptq=GPTQSettings(act_order=True, static_groups=True))
+    model = tiny_llama()
+    names, ignored = targets(model, cfg)
+    calibrate_model(model, cfg, ids, names, progress=False)
+    save(model, None, tmp_path / "q", quantization_config(cfg.weights, ignored, "weight"), {"method": "gptq"})
+    assert "weight_g_idx" not in str(load(tmp_path / "q").state_dict().keys())
+    test = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = load(tmp_path / "q")(test).logits.float()
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q")(test).logits.float()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
