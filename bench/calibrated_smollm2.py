@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 # Import every module the runs use up front, so the numbers belong to one code state.
-import kernels.reference  # noqa: F401
+import llmzip.kernels.reference  # noqa: F401
 import llmzip.algorithms.awq  # noqa: F401
 import llmzip.resume  # noqa: F401
 import llmzip.sequential  # noqa: F401
