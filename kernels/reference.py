@@ -34,13 +34,8 @@ def dequantize_packed(
     zero = None
     if weight_zero_point is not None:
         zero = unpack_int32(weight_zero_point, bits, out_features, dim=0)
-    if weight_g_idx is not None:
-        g = weight_g_idx.long()
-        s = weight_scale.float()[:, g]
-        qf = q.float() if zero is None else q.float() - zero.float()[:, g]
-        return (qf * s).to(dtype)
-    group = in_features // n_groups
-    return dequantize(q, weight_scale, zero, None if n_groups == 1 else group, dtype)
+    group = None if n_groups == 1 else in_features // n_groups
+    return dequantize(q, weight_scale, zero, group, dtype, g_idx=weight_g_idx)
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:

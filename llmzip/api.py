@@ -17,7 +17,6 @@ from .checkpoint import check_output_dir, quantization_config, save
 from .calibration import CalibConfig, calibration_ids
 from .config import CALIBRATED, ConfigError, QuantConfig
 from .models import load_pretrained
-from .primitives import dequantize
 from .quant_linear import QuantLinear
 from .sequential import peak_rss_bytes
 from .surgery import set_module, targets
@@ -57,9 +56,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True,
         lin = model.get_submodule(name)
         w = lin.weight.data.to(device)
         res = rtn(w, config.weights, config.clip)
-        dq = dequantize(res.q, res.scale, res.zero, config.weights.group_size, torch.float32)
-        rel = ((dq - w.float()).norm() / w.float().norm().clamp(min=1e-30)).item()
-        layers[name] = {"rel_err": round(rel, 6)}
+        layers[name] = {"rel_err": res.rel_err(w, config.weights.group_size)}
         home = lin.weight.device
         zero = None if res.zero is None else res.zero.to(home)
         set_module(model, name, QuantLinear.from_quantized(lin, res.q.to(home), res.scale.to(home), zero,
@@ -93,7 +90,7 @@ def quantize(
     if output_dir is not None:
         check_output_dir(output_dir)
         g = config.gptq
-        if "gptq" in config.method and g.act_order and not g.static_groups and config.weights.group_size:
+        if config.uses_gptq and g.act_order and not g.static_groups and config.weights.group_size:
             raise ConfigError(
                 "act-order with dynamic groups needs a g_idx, which compressed-tensors >= 0.20 no longer "
                 "stores: use static_groups=True (what --act-order does) to write a checkpoint"
@@ -122,14 +119,13 @@ def quantize(
             "quantize_seconds": report["seconds"],
             "peak_rss_mib": report["peak_rss_mib"],
         }
-        act = "gptq" in config.method and config.gptq.act_order and config.weights.group_size is not None
+        act = config.uses_gptq and config.gptq.act_order and config.weights.group_size is not None
         qc = quantization_config(config.weights, report["ignored"], "weight" if act else None)
         report["output_dir"] = str(save(model, tokenizer, output_dir, qc, metadata))
     checkpoints = report.pop("checkpoints", None)
     if checkpoints is not None:
         checkpoints.clear()  # the checkpoint is complete; progress is no longer needed
     return model, report
-
 
 
 def work_dir(output_dir: str | Path) -> Path:
@@ -151,8 +147,6 @@ def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, r
     if output_dir is not None:
         fingerprint = {"config": config.to_dict(), "calib_digest": digest, "targets": quantized, "versions": versions()}
         checkpoints = LayerCheckpoints(work_dir(output_dir), fingerprint)
-        if resume and checkpoints.progress() is None:
-            log.info("resume: no matching progress in %s; starting from layer 0", checkpoints.dir)
     report = calibrate_model(model, config, ids, quantized, device=device, progress=progress,
                                  checkpoints=checkpoints, resume=resume)
     report.update(quantized=quantized, ignored=ignored)

@@ -181,6 +181,14 @@ class QuantConfig:
             except re.error as e:
                 raise ConfigError(f"--ignore pattern {pattern!r} is not a valid regex: {e}") from e
 
+    @property
+    def uses_awq(self) -> bool:
+        return self.method in ("awq", "awq+gptq")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method in ("gptq", "awq+gptq")
+
     def is_ignored(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.ignore)
 

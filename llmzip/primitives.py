@@ -78,11 +78,17 @@ def dequantize(
     zero: torch.Tensor | None,
     group_size: int | None,
     dtype: torch.dtype | None = None,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes [out, in] -> weights [out, in] in `dtype` (default: scale's dtype).
 
-    The arithmetic runs in fp32 and is cast once at the end.
+    g_idx: [in] group of each column (act-order with dynamic groups); when given,
+    group_size is not used. The arithmetic runs in fp32 and is cast once at the end.
     """
+    if g_idx is not None:
+        g = g_idx.long()
+        qf = q.float() if zero is None else q.float() - zero.float()[:, g]
+        return (qf * scale.float()[:, g]).to(dtype or scale.dtype)
     out_f, in_f = q.shape
     g = in_f if group_size is None else group_size
     qf = q.float().reshape(out_f, in_f // g, g)

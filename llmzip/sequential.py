@@ -23,7 +23,6 @@ from .algorithms import rtn
 from .algorithms.gptq import HessianAccumulator, gptq
 from .arch import arch_of, decoder_layers
 from .config import QuantConfig
-from .primitives import dequantize
 from .quant_linear import QuantLinear
 from .resume import LayerCheckpoints
 from .smoothing import awq_layer
@@ -105,6 +104,8 @@ def calibrate_model(
     if outside:
         raise ValueError(f"calibrated methods quantize Linears inside decoder layers only; --ignore these: {outside[:5]}")
     saved = checkpoints.progress() if (checkpoints and resume) else None
+    if resume and checkpoints and not saved:
+        log.info("resume: no matching progress in %s; starting from layer 0", checkpoints.dir)
     done = saved["done"] if saved else 0
     stats, blocks = (saved["layers"], saved["blocks"]) if saved else ({}, [])
     if checkpoints and not saved:
@@ -141,11 +142,11 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
     block, ref = {}, None
-    if config.method in ("awq", "awq+gptq"):
+    if config.uses_awq:
         ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
                                       lambda lyr, x: _first(lyr(x, **kwargs)))
     stats = {}
-    if config.method in ("gptq", "awq+gptq"):
+    if config.uses_gptq:
         hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
         hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
         try:
@@ -156,12 +157,12 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
         ref = ref if ref is not None else smoothed_ref
         for n, lin in names.items():
             res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
-            stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config), "damp": info["damp"]}
+            stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size), "damp": info["damp"]}
             set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
     else:
         for n, lin in names.items():
             res = rtn(lin.weight.data, config.weights, config.clip)
-            stats[prefix + n] = {"rel_err": _weight_err(lin.weight.data, res, config)}
+            stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size)}
             set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
     outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
@@ -195,12 +196,3 @@ def _prefix(model: nn.Module, layers: nn.ModuleList) -> str:
             return name + "."
     raise ValueError("decoder layers are not a submodule of the model")
 
-
-def _weight_err(w: torch.Tensor, res, config: QuantConfig) -> float:
-    if res.g_idx is not None:
-        g = res.g_idx.long()
-        z = 0 if res.zero is None else res.zero.float()[:, g]
-        dq = (res.q.float() - z) * res.scale.float()[:, g]
-    else:
-        dq = dequantize(res.q, res.scale, res.zero, config.weights.group_size, torch.float32)
-    return round(((dq - w.float()).norm() / w.float().norm().clamp(min=1e-30)).item(), 6)

@@ -8,7 +8,6 @@ from llmzip.algorithms import rtn
 from llmzip.algorithms.gptq import HessianAccumulator, gptq
 from llmzip.api import quantize_model
 from llmzip.config import ConfigError, GPTQSettings, QuantConfig, WeightScheme
-from llmzip.primitives import dequantize
 from llmzip.sequential import calibrate_model
 from llmzip.surgery import targets
 
@@ -26,11 +25,7 @@ def _problem(out_f=128, in_f=256, n=2048, seed=0):
 
 
 def _dense(res, group_size):
-    if res.g_idx is not None:
-        g = res.g_idx.long()
-        z = 0 if res.zero is None else res.zero.float()[:, g]
-        return (res.q.float() - z) * res.scale.float()[:, g]
-    return dequantize(res.q, res.scale, res.zero, group_size, torch.float32)
+    return res.dequantize(group_size)
 
 
 def _out_err(W, X, dq):

@@ -90,11 +90,8 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    static = None
-    if scheme.group_size is None:
-        static = _group_qparams(W, scheme, dtype, clip)  # one group: fixed up front
-    elif settings.static_groups or not settings.act_order:
-        static = None  # computed lazily per contiguous group below (natural order)
+    # Per-channel: one group, fixed up front. Grouped: computed below, per group.
+    static = _group_qparams(W, scheme, dtype, clip) if scheme.group_size is None else None
     perm = None
     if settings.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)

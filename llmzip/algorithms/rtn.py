@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ClipSearch, WeightScheme
-from ..primitives import minmax_qparams, mse_clip_qparams, quantize
+from ..primitives import dequantize, minmax_qparams, mse_clip_qparams, quantize
 
 
 @dataclass
@@ -23,6 +23,14 @@ class QuantResult:
     scale: torch.Tensor
     zero: torch.Tensor | None
     g_idx: torch.Tensor | None = None
+
+    def dequantize(self, group_size: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero, group_size, dtype, g_idx=self.g_idx)
+
+    def rel_err(self, weight: torch.Tensor, group_size: int | None) -> float:
+        """||W - dequant(q)||_F / ||W||_F, rounded to 6 decimals."""
+        w = weight.float()
+        return round(((self.dequantize(group_size) - w).norm() / w.norm().clamp(min=1e-30)).item(), 6)
 
 
 @torch.no_grad()
