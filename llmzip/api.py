@@ -17,6 +17,7 @@ from .checkpoint import check_output_dir, quantization_config, save
 from .calibration import CalibConfig, calibration_ids
 from .config import CALIBRATED, ConfigError, QuantConfig
 from .models import load_pretrained
+from .moe import prepare_experts
 from .quant_linear import QuantLinear
 from .sequential import peak_rss_bytes
 from .surgery import set_module, targets
@@ -98,6 +99,9 @@ def quantize(
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    experts = prepare_experts(model)  # fused MoE experts -> one Linear per expert projection
+    if experts:
+        log.info("mixture of experts: %d expert blocks split into per-expert Linears", len(experts))
     calib_meta = None
     if config.method in CALIBRATED:
         report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,

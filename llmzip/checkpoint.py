@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import ConfigError, WeightScheme
+from .moe import prepare_experts
 from .quant_linear import QuantLinear
 from .surgery import linear_names, set_module
 
@@ -169,6 +170,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         dtype = getattr(torch, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    prepare_experts(model)
     for name in linear_names(model):
         if loaded.is_ignored(name):
             continue
@@ -178,7 +180,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             act_order=loaded.act_order, dtype=dtype, device="meta",
         )
         set_module(model, name, ql)
-    state = _read_safetensors(path)
+    state = _to_model_keys(model, _read_safetensors(path))
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -190,6 +192,22 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if isinstance(m, QuantLinear):
             m.weight_scale.data = m.weight_scale.data.to(dtype)
     return model.to(device).eval()
+
+
+def _to_model_keys(model: nn.Module, state: dict) -> dict:
+    """Checkpoint names -> module names, by transformers' renamings for this architecture
+    (e.g. Mixtral's `block_sparse_moe.` is `mlp.` in transformers >= 5); the inverse of
+    what save_pretrained applies. Fusing converters are not applied: llmzip keeps experts
+    as separate Linears."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # transformers < 5 stores module names as they are
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {apply_renamings(k, renamings): v for k, v in state.items()}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

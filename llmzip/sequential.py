@@ -23,6 +23,7 @@ from .algorithms import rtn
 from .algorithms.gptq import HessianAccumulator, gptq
 from .arch import arch_of, decoder_layers
 from .config import QuantConfig
+from .moe import calibrating_all_experts, expert_token_counts
 from .quant_linear import QuantLinear
 from .resume import LayerCheckpoints
 from .smoothing import awq_layer
@@ -142,15 +143,18 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
     block, ref = {}, None
+    # Calibration passes send every token through every MoE expert (llmzip.moe).
     if config.uses_awq:
-        ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
-                                      lambda lyr, x: _first(lyr(x, **kwargs)))
+        with calibrating_all_experts(layer):
+            ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
+                                          lambda lyr, x: _first(lyr(x, **kwargs)))
     stats = {}
     if config.uses_gptq:
         hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
         hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
         try:
-            smoothed_ref = [_first(layer(x, **kwargs)) for x in inputs]
+            with calibrating_all_experts(layer):
+                smoothed_ref = [_first(layer(x, **kwargs)) for x in inputs]
         finally:
             for h in hooks:
                 h.remove()
@@ -164,6 +168,13 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
             res = rtn(lin.weight.data, config.weights, config.clip)
             stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size)}
             set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
+    routed = expert_token_counts(layer)
+    if routed:
+        block["expert_tokens"] = routed
+        for n, counts in routed.items():
+            if min(counts) == 0:
+                log.info("%s%s: experts %s got no routed calibration tokens (calibrated on all tokens)", prefix, n,
+                         [e for e, c in enumerate(counts) if c == 0])
     outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
     # that update: the residual itself would hide the error.

@@ -28,15 +28,46 @@ def _out_features(mod: nn.Module) -> int | None:
     return w.numel() if isinstance(w, torch.Tensor) and w.dim() == 1 else None
 
 
+def _count(layer: nn.Module, pattern: str) -> int:
+    """How many experts a `*` pattern ranges over in `layer` (0 if its container is absent)."""
+    try:
+        return len(layer.get_submodule(pattern.split(".*.", 1)[0]))
+    except (AttributeError, TypeError):
+        return 0
+
+
+def expand(layer: nn.Module, m: Smooth) -> list[Smooth]:
+    """Concrete mappings for `layer`: `*` in balance/follow lists every expert; a `*` in
+    prev makes one mapping per expert."""
+    names = [m.prev, *m.balance, *m.follow]
+    star = next((n for n in names if ".*." in n), None)
+    if star is None:
+        return [m]
+    n = _count(layer, star)
+
+    def at(names, e):
+        return tuple(x.replace(".*.", f".{e}.") for x in names)
+
+    def every(names):  # in order, each `*` name replaced by one name per expert
+        return tuple(y for x in names for y in ([at([x], e)[0] for e in range(n)] if ".*." in x else [x]))
+
+    if ".*." in m.prev:
+        return [Smooth(at([m.prev], e)[0], at(m.balance, e), at(m.follow, e)) for e in range(n)]
+    return [Smooth(m.prev, every(m.balance), every(m.follow))] if n else []
+
+
 def applicable(layer: nn.Module, m: Smooth) -> bool:
-    """True when prev exists and its output width equals every balance layer's input."""
+    """True when prev exists and its output width equals every balance layer's input (and
+    every follow module's weight columns)."""
     try:
         prev = layer.get_submodule(m.prev)
         balance = [layer.get_submodule(b) for b in m.balance]
+        follow = [layer.get_submodule(f) for f in m.follow]
     except AttributeError:
         return False
     width = _out_features(prev)
-    return width is not None and all(isinstance(b, nn.Linear) and b.in_features == width for b in balance)
+    return (width is not None and all(isinstance(b, nn.Linear) and b.in_features == width for b in balance)
+            and all(getattr(f, "weight", None) is not None and f.weight.shape[-1] == width for f in follow))
 
 
 @torch.no_grad()
@@ -50,7 +81,7 @@ def fold_scales(layer: nn.Module, m: Smooth, s: torch.Tensor, norm_offset: float
         prev.weight.copy_((norm_offset + prev.weight.float()) / s - norm_offset)
     if getattr(prev, "bias", None) is not None:
         prev.bias.copy_(prev.bias.float() / s)
-    for name in m.balance:
+    for name in (*m.balance, *m.follow):
         lin = layer.get_submodule(name)
         lin.weight.copy_(lin.weight.float() * s.view(1, -1))
 
@@ -91,7 +122,7 @@ def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config:
         for h in hooks:
             h.remove()
     info, input_scale = {}, {}
-    for m in arch.awq:
+    for m in (c for m in arch.awq for c in expand(layer, m)):
         if not applicable(layer, m) or not all(b in names for b in m.balance):
             continue
         first = stats[m.balance[0]]

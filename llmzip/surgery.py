@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from .config import QuantConfig
@@ -23,10 +25,16 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
     """Split the model's nn.Linear layers into (quantized, ignored) names, and check
-    every quantized one against the weight scheme (raises ConfigError naming the layer)."""
+    every quantized one against the weight scheme (raises ConfigError naming the layer).
+    Besides config.ignore, an architecture's own never-quantized Linears (llmzip.arch)
+    are ignored."""
+    from .arch import find_arch
+
+    arch = find_arch(getattr(getattr(model, "config", None), "model_type", None))
+    always = arch.ignore if arch else ()
     quantized, ignored = [], []
     for name in linear_names(model):
-        if config.is_ignored(name):
+        if config.is_ignored(name) or any(re.search(p, name) for p in always):
             ignored.append(name)
             continue
         m = model.get_submodule(name)
