@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=int, default=128, help="calibration sequences (default: 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     c.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default: 0)")
+    c.add_argument("--chat", action="store_true",
+                   help="render samples with the tokenizer's chat template: conversations from a column of "
+                        "{role, content} lists (data.jsonl:messages), or user/assistant turns made of a text's lines")
+    c.add_argument("--true-sequential", action="store_true",
+                   help="GPTQ: quantize each layer's Linears group by group (q/k/v, o, gate/up, down), each "
+                        "calibrated with the earlier groups already quantized (one extra pass per group)")
     c.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay contiguous)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")

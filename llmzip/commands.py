@@ -31,7 +31,8 @@ def quantize(args) -> int:
     from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme
 
     config = QuantConfig(
-        gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order),
+        gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
+                          true_sequential=args.true_sequential),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if args.clip_search else None,
@@ -40,7 +41,7 @@ def quantize(args) -> int:
     _, report = run(
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
-        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed) if args.method != "rtn" else None,
+        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" else None,
         resume=args.resume,
     )
     from .info import format_report, size_report

@@ -111,13 +111,19 @@ class GPTQSettings:
     (up to max_damp) when the Cholesky factorisation fails.
     act_order: quantize columns in order of decreasing Hessian diagonal.
     static_groups: with act_order, fix group parameters from the unmodified weight in
-    natural column order, so groups stay contiguous and no g_idx is needed."""
+    natural column order, so groups stay contiguous and no g_idx is needed.
+    true_sequential: inside each decoder layer, quantize the Linears group by group in
+    the order the forward pass uses them (Linears reading the same input form a group:
+    q/k/v, then o, then gate/up, then down) and collect each group's Hessian with the
+    groups before it already quantized. Costs one extra pass over the calibration set
+    per group."""
 
     damp: float = 0.01
     max_damp: float = 10.0
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    true_sequential: bool = False
 
     def __post_init__(self):
         if not 0 < self.damp <= self.max_damp:

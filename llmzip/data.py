@@ -134,8 +134,8 @@ def load_text(source: str) -> str:
     )
 
 
-def _records_text(path: Path, column: str) -> str:
-    """The `column` of every record of a .jsonl or .parquet file, joined by blank lines."""
+def _records(path: Path, column: str) -> list:
+    """The `column` of every record of a .jsonl or .parquet file."""
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -146,10 +146,22 @@ def _records_text(path: Path, column: str) -> str:
         rows = pq.read_table(path).to_pylist()
     if rows and column not in rows[0]:
         raise DataError(f"column '{column}' not in {path}: it has {', '.join(rows[0])}; use {path}:COLUMN")
-    return "\n\n".join(r[column] for r in rows if r.get(column))
+    return [r[column] for r in rows if r.get(column)]
 
 
-def _dataset_text(spec: str) -> str:
+def _as_text(values: list, source: str) -> str:
+    if values and not isinstance(values[0], str):
+        raise DataError(f"'{source}' holds {type(values[0]).__name__} values, not text: for conversations "
+                        "(lists of {role, content}) calibrate with --chat")
+    return "\n\n".join(values)
+
+
+def _records_text(path: Path, column: str) -> str:
+    """The `column` of every record of a .jsonl or .parquet file, joined by blank lines."""
+    return _as_text(_records(path, column), str(path))
+
+
+def _dataset_values(spec: str) -> list:
     parts = spec.split(":")
     if len(parts) not in (3, 4):
         raise DataError(f"dataset spec 'hub:{spec}' must be hub:ID[:CONFIG]:SPLIT:COLUMN")
@@ -162,4 +174,44 @@ def _dataset_text(spec: str) -> str:
     ds = datasets.load_dataset(name, config, split=split)
     if column not in ds.column_names:
         raise DataError(f"column '{column}' not in {name}: it has {', '.join(ds.column_names)}")
-    return "\n\n".join(t for t in ds[column] if t)
+    return [t for t in ds[column] if t]
+
+
+def _dataset_text(spec: str) -> str:
+    return _as_text(_dataset_values(spec), f"hub:{spec}")
+
+
+def _is_conversation(value) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def load_conversations(source: str) -> list[list[dict]]:
+    """Conversations (lists of {"role", "content"}) for chat-template calibration.
+
+    A .jsonl/.parquet/hub column whose values are conversations (e.g. `data.jsonl:messages`)
+    gives them as they are. Any text source (built-in corpus, text file, text column)
+    gives conversations made of its consecutive non-empty lines (paragraphs): line 2k
+    is the user turn and line 2k+1 the assistant's reply."""
+    values = None
+    if source.startswith("hub:"):
+        values = _dataset_values(source[4:])
+    elif source not in BUILTIN:
+        path = Path(source).expanduser()
+        if not path.is_file() and ":" in source:
+            head, column = source.rsplit(":", 1)
+            if Path(head).expanduser().suffix in (".jsonl", ".parquet"):
+                values = _records(Path(head).expanduser(), column)
+        elif path.is_file() and path.suffix in (".jsonl", ".parquet"):
+            values = _records(path, "text")
+    if values and _is_conversation(values[0]):
+        bad = next((i for i, v in enumerate(values) if not _is_conversation(v)), None)
+        if bad is not None:
+            raise DataError(f"'{source}' record {bad} is not a list of {{role, content}} messages")
+        return values
+    text = _as_text(values, source) if values is not None else load_text(source)
+    paras = [p.strip() for p in text.splitlines() if p.strip()]
+    if len(paras) < 2:
+        raise DataError(f"'{source}' has fewer than two paragraphs: cannot build conversations from it")
+    return [[{"role": "user", "content": paras[i]}, {"role": "assistant", "content": paras[i + 1]}]
+            for i in range(0, len(paras) - 1, 2)]

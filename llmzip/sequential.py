@@ -150,19 +150,28 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
                                           lambda lyr, x: _first(lyr(x, **kwargs)))
     stats = {}
     if config.uses_gptq:
-        hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in names.items()}
-        hooks = [m.register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n, m in names.items()]
-        try:
-            with calibrating_all_experts(layer):
-                smoothed_ref = [_first(layer(x, **kwargs)) for x in inputs]
-        finally:
-            for h in hooks:
-                h.remove()
-        ref = ref if ref is not None else smoothed_ref
-        for n, lin in names.items():
-            res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
-            stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size), "damp": info["damp"]}
-            set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights, res.g_idx))
+        run = lambda: [_first(layer(x, **kwargs)) for x in inputs]  # noqa: E731
+        groups = _input_groups(layer, names, inputs[0], kwargs) if config.gptq.true_sequential else [list(names)]
+        for i, group in enumerate(groups):
+            hess = {n: HessianAccumulator(names[n].in_features, names[n].weight.device) for n in group}
+            hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in group]
+            try:
+                with calibrating_all_experts(layer):
+                    outs = run()
+            finally:
+                for h in hooks:
+                    h.remove()
+            if ref is None and i == 0:
+                ref = outs  # the float layer's output
+            for n in group:
+                lin = names[n]
+                res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
+                stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size),
+                                     "damp": info["damp"]}
+                set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights,
+                                                                res.g_idx))
+        if config.gptq.true_sequential:
+            block["groups"] = len(groups)
     else:
         for n, lin in names.items():
             res = rtn(lin.weight.data, config.weights, config.clip)
@@ -182,6 +191,34 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
     block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))
     return outs, stats, block
+
+
+@torch.no_grad()
+def _input_groups(layer, names: dict, x, kwargs: dict) -> list[list[str]]:
+    """The Linears of `names` grouped by the input tensor they read, in the order the
+    forward pass first uses them (one pass on one sample). References to the inputs
+    are held during the pass, so two groups cannot share a recycled buffer."""
+    seen: list = []  # (input tensor, [names])
+    hooks = []
+
+    def hook(mod, args, out, n):
+        for t, group in seen:
+            if t is args[0]:
+                group.append(n)
+                return
+        seen.append((args[0], [n]))
+
+    for n, m in names.items():
+        hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: hook(mod, a, out, n)))
+    try:
+        with calibrating_all_experts(layer):
+            layer(x, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = [g for _, g in seen]
+    missing = [n for n in names if not any(n in g for g in groups)]
+    return groups + ([missing] if missing else [])
 
 
 def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state: dict) -> None:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from llmzip.data import DataError, clean_wikitext, load_text, wiki_articles
 
@@ -58,3 +59,58 @@ def test_jsonl_and_parquet_records(tmp_path):
 def test_bad_sources_are_clear_errors(spec):
     with pytest.raises(DataError):
         load_text(spec)
+
+
+CHAT = [
+    {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+    for i in range(40)
+]
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_chat_calibration_renders_conversations_deterministically(tmp_path, smol_tok):
+    from llmzip.calibration import CalibConfig, calibration_ids
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in CHAT))
+    cfg = CalibConfig(source=f"{f}:messages", samples=3, seq_len=24, chat=True)
+    ids, digest = calibration_ids(smol_tok, cfg)
+    again, digest2 = calibration_ids(smol_tok, cfg)
+    _, other = calibration_ids(smol_tok, CalibConfig(source=f"{f}:messages", samples=3, seq_len=24, seed=1, chat=True))
+    assert ids.shape == (3, 24) and torch.equal(ids, again) and digest == digest2 and other != digest
+    # SmolLM2's template is ChatML: role markers are in the token stream.
+    im_start = smol_tok.convert_tokens_to_ids("<|im_start|>")
+    assert (ids == im_start).sum().item() >= 3
+    assert "answer" in smol_tok.decode(ids.flatten())
+
+
+def test_chat_calibration_from_plain_text_pairs_lines(smol_tok):
+    from llmzip.calibration import CalibConfig, calibration_ids
+    from llmzip.data import load_conversations
+
+    convs = load_conversations("lee")
+    assert [m["role"] for m in convs[0]] == ["user", "assistant"]
+    ids, _ = calibration_ids(smol_tok, CalibConfig(samples=2, seq_len=64, chat=True))
+    assert "assistant" in smol_tok.decode(ids.flatten())
+
+
+def test_chat_calibration_errors(tmp_path, smol_tok):
+    from llmzip.calibration import CalibConfig, calibration_ids
+    from llmzip.config import ConfigError
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in CHAT))
+    with pytest.raises(DataError, match="--chat"):  # conversations read as plain text
+        load_text(f"{f}:messages")
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ConfigError, match="no chat template"):
+        calibration_ids(NoTemplate(), CalibConfig(source=f"{f}:messages", chat=True))

@@ -123,3 +123,35 @@ def test_act_order_checkpoint_loads_in_transformers(tmp_path):
         ours = load(tmp_path / "q")(test).logits.float()
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q")(test).logits.float()
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
+
+
+def test_true_sequential_groups_linears_in_forward_order():
+    from llmzip.quant_linear import QuantLinear
+
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for seq in (False, True):
+        model = tiny_llama(dtype=torch.float32)
+        cfg = QuantConfig(method="gptq", weights=WeightScheme(3, 32), gptq=GPTQSettings(true_sequential=seq))
+        names, _ = targets(model, cfg)
+        report = calibrate_model(model, cfg, ids, names, progress=False)
+        out[seq] = {n: m.weight_packed.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        if seq:
+            assert [b["groups"] for b in report["blocks"]] == [4, 4]  # qkv, o, gate/up, down
+    # The first group (q, k, v) sees the same inputs either way; o_proj's Hessian now
+    # comes from quantized q/k/v, so its rounding changes.
+    for n in out[True]:
+        same = torch.equal(out[True][n], out[False][n])
+        assert same == (n.startswith("model.layers.0.self_attn.") and n[-6:] in ("q_proj", "k_proj", "v_proj"))
+
+
+def test_input_groups_are_the_forward_order():
+    from llmzip.sequential import _input_groups, capture_inputs
+
+    model = tiny_llama(dtype=torch.float32)
+    layer = model.model.layers[0]
+    inputs, kwargs = capture_inputs(model, model.model.layers, torch.randint(0, 512, (1, 16)), "cpu")
+    names = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert _input_groups(layer, names, inputs[0], kwargs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

@@ -183,3 +183,16 @@ def test_every_smoothing_mapping_keeps_the_float_function(name):
         # attn (norm->qkv, v->o), norm->experts, one up->down per expert [, shared up->down] | dense mlp (2)
         assert applied == 2 + (1 + EXPERTS + (name == "qwen2_moe") if moe else 2)
         assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_true_sequential_gptq_on_moe():
+    from llmzip.config import GPTQSettings
+
+    model = _model("qwen2_moe")
+    prepare_experts(model)
+    cfg = QuantConfig(method="gptq", weights=WeightScheme(4, 32), gptq=GPTQSettings(true_sequential=True))
+    names, _ = targets(model, cfg)
+    report = calibrate_model(model, cfg, _ids(), names, progress=False)
+    # q/k/v; o; shared + routed experts' gate/up (one input); shared down; each expert's down
+    assert [b["groups"] for b in report["blocks"]] == [4 + EXPERTS] * 2
+    assert len(report["layers"]) == len(names)
