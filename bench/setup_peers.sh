@@ -9,3 +9,9 @@ if [ ! -x .venvs/llmcompressor/bin/python ]; then
   .venvs/llmcompressor/bin/pip install -q torch==2.13.0
   .venvs/llmcompressor/bin/pip install -q "llmcompressor==0.14.*"
 fi
+if [ ! -x .venvs/hqq/bin/python ]; then
+  python3 -m venv .venvs/hqq
+  .venvs/hqq/bin/pip install -q --upgrade pip
+  .venvs/hqq/bin/pip install -q torch==2.13.0  # first: the CPU wheel on this disk, never a CUDA one
+  .venvs/hqq/bin/pip install -q "hqq==0.2.*" transformers safetensors
+fi

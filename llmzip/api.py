@@ -16,7 +16,7 @@ from .algorithms import rtn
 from .checkpoint import check_output_dir, quantization_config, save
 from .calibration import CalibConfig, calibration_ids
 from .config import CALIBRATED, ConfigError, QuantConfig
-from .models import load_pretrained
+from .models import load_lazy_pretrained, load_pretrained
 from .moe import prepare_experts
 from .quant_linear import QuantLinear
 from .sequential import peak_rss_bytes
@@ -39,11 +39,13 @@ def versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True, device=None) -> dict:
+def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True, device=None, lazy=None) -> dict:
     """Replace every targeted nn.Linear of `model` by a QuantLinear, in place.
 
     device: where the rounding math runs (default: CUDA when available, else CPU);
     one weight at a time is moved there, so memory on it stays ~one layer.
+    lazy: llmzip.lazy.LazyWeights when Linears are still on the meta device; each is
+    read from disk just before it is quantized, the rest at the end.
 
     Returns a report: {"quantized": [...], "ignored": [...], "layers": {name: {"rel_err": e}}}
     where rel_err = ||W - dequant(q)||_F / ||W||_F per layer.
@@ -55,6 +57,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True,
     layers = {}
     for name in tqdm(quantized, desc=f"{config.method} w{config.weights.bits}", unit="layer", disable=not progress):
         lin = model.get_submodule(name)
+        if lazy is not None:
+            lazy.materialize(lin, name + ".")
         w = lin.weight.data.to(device)
         res = rtn(w, config.weights, config.clip)
         layers[name] = {"rel_err": res.rel_err(w, config.weights.group_size)}
@@ -63,6 +67,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True,
         set_module(model, name, QuantLinear.from_quantized(lin, res.q.to(home), res.scale.to(home), zero,
                                                            config.weights, res.g_idx))
         del lin, w
+    if lazy is not None:
+        lazy.materialize(model, "")  # what no Linear loop touched (ignored Linears)
     return {"quantized": quantized, "ignored": ignored, "layers": layers}
 
 
@@ -77,6 +83,7 @@ def quantize(
     device: str | None = None,
     calib: CalibConfig | None = None,
     resume: bool = False,
+    lazy: bool = True,
 ):
     """Quantize a model (demo alias, local dir, hub id or a loaded nn.Module).
 
@@ -85,6 +92,9 @@ def quantize(
     and need the tokenizer (loaded with the model when `model` is a string); they
     save each finished layer next to `output_dir`, and `resume=True` continues from
     there after a crash, with a bit-identical result.
+    lazy (when `model` is a name): read weights from disk layer by layer as they are
+    quantized, so the full-precision model never sits in memory (llmzip.lazy); False
+    loads the whole model first. Both give bit-identical checkpoints.
     Returns (model, report).
     """
     t0 = time.perf_counter()
@@ -97,7 +107,10 @@ def quantize(
                 "stores: use static_groups=True (what --act-order does) to write a checkpoint"
             )
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-    if isinstance(model, str):
+    weights = None
+    if isinstance(model, str) and lazy:
+        model, tokenizer, weights = load_lazy_pretrained(model, dtype, config.method in CALIBRATED, trust_remote_code)
+    elif isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     experts = prepare_experts(model)  # fused MoE experts -> one Linear per expert projection
     if experts:
@@ -105,9 +118,9 @@ def quantize(
     calib_meta = None
     if config.method in CALIBRATED:
         report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,
-                                         output_dir, resume)
+                                         output_dir, resume, weights)
     else:
-        report = quantize_model(model, config, progress=progress, device=device)
+        report = quantize_model(model, config, progress=progress, device=device, lazy=weights)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
     if output_dir is not None:
@@ -138,7 +151,7 @@ def work_dir(output_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.llmzip-work"
 
 
-def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, resume):
+def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, resume, lazy):
     from .resume import LayerCheckpoints
     from .sequential import calibrate_model
 
@@ -152,7 +165,7 @@ def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, r
         fingerprint = {"config": config.to_dict(), "calib_digest": digest, "targets": quantized, "versions": versions()}
         checkpoints = LayerCheckpoints(work_dir(output_dir), fingerprint)
     report = calibrate_model(model, config, ids, quantized, device=device, progress=progress,
-                                 checkpoints=checkpoints, resume=resume)
+                                 checkpoints=checkpoints, resume=resume, lazy=lazy)
     report.update(quantized=quantized, ignored=ignored)
     report["checkpoints"] = checkpoints
     return report, {**calib.to_dict(), "digest": digest}

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the model in (default: auto)")
+    q.add_argument("--load-whole-model", action="store_true",
+                   help="load the full-precision model into memory first, instead of reading each layer from disk "
+                        "just before it is quantized (same result, more memory)")
     q.add_argument("--device", default=None, help="where the quantization math runs (default: cuda if available, else cpu)")
     q.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

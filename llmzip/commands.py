@@ -42,7 +42,7 @@ def quantize(args) -> int:
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
         calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" else None,
-        resume=args.resume,
+        resume=args.resume, lazy=not args.load_whole_model,
     )
     from .info import format_report, size_report
 

@@ -135,14 +135,7 @@ def load_pretrained(model: str, dtype: torch.dtype | str | None = None, trust_re
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
-    cfg_file = Path(path) / "config.json"
-    if cfg_file.is_file():
-        qc = json.loads(cfg_file.read_text()).get("quantization_config")
-        if qc and qc.get("quant_method") == "compressed-tensors":
-            raise ModelError(
-                f"'{model}' is already a quantized checkpoint; load it with llmzip.load() "
-                "or quantize the original model"
-            )
+    refuse_quantized(model, path)
     m = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype if dtype is not None else "auto",
@@ -151,3 +144,38 @@ def load_pretrained(model: str, dtype: torch.dtype | str | None = None, trust_re
     )
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return m.eval(), tok
+
+
+def refuse_quantized(model: str, path: str | Path) -> None:
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file():
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+        if qc and qc.get("quant_method") == "compressed-tensors":
+            raise ModelError(
+                f"'{model}' is already a quantized checkpoint; load it with llmzip.load() "
+                "or quantize the original model"
+            )
+
+
+def local_dir(model: str) -> Path:
+    """Local directory of a demo alias, directory or hub id (downloading only config,
+    tokenizer and safetensors files of a hub model, or reading them from the HF cache)."""
+    path = resolve(model)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+
+
+def load_lazy_pretrained(model: str, dtype, calibrated: bool, trust_remote_code: bool = False):
+    """(model, tokenizer, LazyWeights): the skeleton with only what lies outside the
+    decoder layers loaded (calibrated) or only non-Linear modules (RTN); see llmzip.lazy."""
+    from .arch import arch_of
+    from .lazy import load_lazy
+
+    path = local_dir(model)
+    refuse_quantized(model, path)
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"'{model}' has no .safetensors weights; llmzip never unpickles .bin checkpoints")
+    return load_lazy(path, dtype, (lambda m: arch_of(m).layers) if calibrated else None, trust_remote_code)

@@ -70,6 +70,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, d
                 model(row.unsqueeze(0).to(device), use_cache=False)
             except _Caught:
                 pass
+        model.to("cpu")
     finally:
         layers._modules.clear()
         layers._modules.update(saved)
@@ -89,13 +90,15 @@ def calibrate_model(
     progress: bool = True,
     checkpoints: LayerCheckpoints | None = None,
     resume: bool = False,
+    lazy=None,
 ) -> dict:
     """Quantize `targets` (names of nn.Linear) of `model` in place with a calibrated
     method (config.method: gptq, awq or awq+gptq).
 
     ids: [samples, seq_len] calibration tokens. checkpoints: where finished layers
     are saved; with resume=True, layers already saved there are restored instead of
-    recomputed. Returns {"layers": per-Linear stats, "blocks": per-layer stats}.
+    recomputed. lazy: llmzip.lazy.LazyWeights when the decoder layers are still on the
+    meta device; each is read from disk just before it is quantized. Returns {"layers": per-Linear stats, "blocks": per-layer stats}.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     arch = arch_of(model)
@@ -113,7 +116,6 @@ def calibrate_model(
         checkpoints.start()
     # The kwargs (rotary tables, mask) depend only on the sequence length.
     inputs, kwargs = capture_inputs(model, layers, ids[:1] if saved else ids, device)
-    model.to("cpu")
     if saved:
         log.info("resume: %d of %d layers restored from %s", done, len(layers), checkpoints.dir)
         for i in range(done):
@@ -121,6 +123,8 @@ def calibrate_model(
         inputs = [x.to(device) for x in checkpoints.inputs(done)]
     bar = tqdm(range(len(layers)), desc=config.method, unit="layer", initial=done, disable=not progress)
     for i in range(done, len(layers)):
+        if lazy is not None:
+            lazy.materialize(layers[i], f"{prefix}{i}.")
         layer = layers[i].to(device)
         inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config,
                                                      arch)
@@ -199,17 +203,15 @@ def _input_groups(layer, names: dict, x, kwargs: dict) -> list[list[str]]:
     forward pass first uses them (one pass on one sample). References to the inputs
     are held during the pass, so two groups cannot share a recycled buffer."""
     seen: list = []  # (input tensor, [names])
-    hooks = []
 
-    def hook(mod, args, out, n):
-        for t, group in seen:
-            if t is args[0]:
-                group.append(n)
-                return
-        seen.append((args[0], [n]))
+    def record(n, x):
+        group = next((g for t, g in seen if t is x), None)
+        if group is None:
+            seen.append((x, [n]))
+        else:
+            group.append(n)
 
-    for n, m in names.items():
-        hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: hook(mod, a, out, n)))
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: record(n, a[0])) for n, m in names.items()]
     try:
         with calibrating_all_experts(layer):
             layer(x, **kwargs)
@@ -228,7 +230,7 @@ def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state
             ql = QuantLinear(lin.in_features, lin.out_features, config.weights, lin.bias is not None,
                              act_order=f"{n}.weight_g_idx" in state, dtype=lin.weight.dtype, device="cpu")
             set_module(layer, n, ql)
-    layer.load_state_dict(state, strict=True)
+    layer.load_state_dict(state, strict=True, assign=True)  # assign: the layer may still be on meta
 
 
 def peak_rss_bytes() -> int:

@@ -1,0 +1,314 @@
+"""Calibrated quantizers on SmolLM2-135M, side by side: llmzip GPTQ/AWQ vs llm-compressor GPTQ/AWQ vs HQQ.
+
+Settings (symmetric int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64. Tools:
+llmzip GPTQ and AWQ (`llmzip quantize`), llm-compressor 0.14 GPTQModifier and AWQModifier
+(peers/llmcompressor_{gptq,awq}.py, model in bf16 on CPU), HQQ (peers/hqq_quant.py:
+calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal).
+
+Calibration: the driver picks N x L token ids once with llmzip.calibration.calibration_ids
+("lee" text, seed 0) and writes them to WORK/calib.npy; the llm-compressor scripts feed exactly
+those rows (checked on the model's embedding input), and llmzip's CLI picks the same ones from the
+same source/seed/samples/seq-len (checked: the digest in OUT/llmzip.json equals the file's).
+GPTQ: damping 0.01, block 128, act-order off for both tools; everything else each tool's default.
+
+Phase 1: every quantize run back to back, each in its own process (wall seconds of the whole
+process, start-up + load + calibrate + quantize + save, and its peak RSS). Phase 2: perplexity of
+every checkpoint and of bf16 with one protocol, `llmzip eval ppl --data wiki --ctx 2048
+--max-windows W` (llmzip loads llm-compressor's compressed-tensors checkpoints too). A tool that
+fails is recorded as skipped with its error instead of a number.
+
+    bench/setup_peers.sh                          # once: peer virtualenvs
+    LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/calibrated_peers.py [--samples 128 --seq-len 512]
+
+Writes bench/results/calibrated_peers.{json,md} (or --results DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LLMZIP = [sys.executable, "-m", "llmzip"]
+VENVS = HERE / ".venvs"
+NAME = "calibrated_peers"
+
+SETTINGS = {"W4 g64": (4, 64), "W4 per-channel": (4, -1), "W3 g64": (3, 64)}
+TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer script)
+    "llmzip-rtn": ("llmzip", "rtn", None, None, None),
+    "llmzip-gptq": ("llmzip", "gptq", None, None, None),
+    "llmzip-gptq-act": ("llmzip", "gptq act-order", None, None, None),
+    "llmzip-awq": ("llmzip", "awq", None, None, None),
+    "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
+    "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
+    "llmcompressor-awq": ("llm-compressor", "awq", "llmcompressor", "llmcompressor", "llmcompressor_awq.py"),
+    "hqq": ("HQQ", "hqq", "hqq", "hqq", "hqq_quant.py"),
+}
+# (llmzip tool, peer tool, compare time and RSS too?) for the ratio table
+PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-awq", "llmcompressor-awq", True),
+         ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False)]
+
+
+class Failed(Exception):
+    """A run that exited non-zero; str() is its own error line."""
+
+
+def error_line(text: str) -> str:
+    """The exception line of the last traceback in text, with the frame that raised it
+    (else the text's last line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errs = [i for i, ln in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln)]
+    if not errs:
+        return (lines or ["no output"])[-1][:500]
+    frames = [m for ln in lines[: errs[-1]] if (m := re.match(r'File "(.+)", line (\d+), in (\S+)', ln))]
+    where = ""
+    if frames:
+        path, line, func = frames[-1].groups()
+        where = f" (at {path.split('site-packages/')[-1]}:{line} in {func})"
+    return (lines[errs[-1]] + where)[:500]
+
+
+def dist_version(venv: str, dist: str) -> str:
+    """Installed version of `dist` in a peer virtualenv, from its dist-info folder name."""
+    found = sorted(VENVS.glob(f"{venv}/lib/python*/site-packages/{dist}-*.dist-info"))
+    return found[-1].name[len(dist) + 1 : -len(".dist-info")] if found else "?"
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[dict, float, float]:
+    """Run cmd, all output to log; return (last stdout line as JSON, wall seconds, peak RSS MiB
+    of that process). Raises Failed with the run's error line when it exits non-zero."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w+") as err, open(log.with_suffix(".out"), "w+") as out:
+        err.write("$ " + shlex.join(cmd) + "\n")
+        err.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+        err.seek(0)
+        errors = err.read()
+    if code != 0:
+        raise Failed(f"exit {code}: {error_line(errors + text)}")
+    return json.loads(text.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024
+
+
+def write_calibration(base: Path, work: Path, samples: int, seq_len: int) -> dict:
+    """calibration_ids once, as int64 .npy for the peers; returns its description + digest."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from llmzip.calibration import CalibConfig, calibration_ids
+
+    cfg = CalibConfig(source="lee", samples=samples, seq_len=seq_len, seed=0)
+    ids, digest = calibration_ids(AutoTokenizer.from_pretrained(base), cfg)
+    path = work / "calib.npy"
+    np.save(path, ids.numpy().astype(np.int64))
+    return {**cfg.to_dict(), "digest": digest, "file": str(path)}
+
+
+def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip_version: str) -> dict:
+    """One phase-1 run: a row with quant_s, peak_rss_mib, bits_per_weight and a calibration check,
+    or a row with `skipped` set to the reason."""
+    name, method, venv, dist, script = TOOLS[key]
+    ver = llmzip_version if venv is None else dist_version(venv, dist)
+    label = f"{name} {ver}" + ("" if method == "hqq" else f" {method.upper()}")
+    bits, group = SETTINGS[setting]
+    tag = f"{key}-{setting.replace(' ', '_')}"
+    out = work / tag
+    log = work / "logs" / f"{tag}.log"
+    row = {"setting": setting, "tool": label, "tool_key": key, "dir": str(out), "quant_s": None,
+           "peak_rss_mib": None, "bits_per_weight": None, "bits_note": None, "calib_check": None,
+           "skipped": None, "log": str(log)}
+    shutil.rmtree(out, ignore_errors=True)
+    q = ["--bits", str(bits), "--group-size", str(group)]
+    try:
+        if venv is None:
+            extra = ["--damp", "0.01"] if "gptq" in method else []
+            if method.endswith(" act-order"):
+                method, extra = method.split()[0], extra + ["--act-order"]
+            summary, wall, rss = run_measured(
+                [*LLMZIP, "quantize", str(base), "-o", str(out), "--method", method, *q, *extra, "--calib",
+                 calib["source"], "--samples", str(calib["samples"]), "--seq-len", str(calib["seq_len"]),
+                 "--seed", str(calib["seed"]), "--json"], log)
+            row["bits_per_weight"] = summary["bits_per_weight"]
+            used = (json.loads((out / "llmzip.json").read_text())["calibration"] or {}).get("digest")
+            if method != "rtn":  # RTN reads no data
+                row["calib_check"] = {"digest": used, "same_as_file": used == calib["digest"]}
+        else:
+            py = VENVS / venv / "bin" / "python"
+            if not py.exists():
+                raise Failed(f"no {py.relative_to(HERE.parent)}: run bench/setup_peers.sh")
+            cmd = [str(py), str(HERE / "peers" / script), str(base), str(out), *q]
+            if method != "hqq":
+                cmd += ["--calib", calib["file"]]
+            summary, wall, rss = run_measured(cmd, log)
+            if method == "hqq":
+                row["bits_per_weight"] = summary["bits_per_weight"]
+                row["bits_note"] = "nominal: nbits + 16-bit scale + 16-bit zero per group (HQQ is asymmetric)"
+            else:
+                info, _, _ = run_measured([*LLMZIP, "info", str(out), "--json"], work / "logs" / f"{tag}-info.log")
+                row["bits_per_weight"] = info["bits_per_weight"]
+                seen = summary["calibration"]
+                row["calib_check"] = {**seen, "same_as_file": seen["same_rows_as_file"]
+                                      and seen["file_digest"] == calib["digest"]}
+        row.update(quant_s=round(wall, 2), peak_rss_mib=round(rss))
+    except Failed as e:
+        row["skipped"] = str(e)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=16)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of: {', '.join(SETTINGS)}")
+    ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of: {', '.join(TOOLS)}")
+    ap.add_argument("--work", default=str(HERE / ".work"))
+    ap.add_argument("--results", default=str(HERE / "results"), help="where the .json and .md go")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json in --results")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other settings/tools already in --results (same calibration and "
+                         "protocol required); rows of this run replace rows with the same setting and tool")
+    args = ap.parse_args()
+    results = Path(args.results)
+    if args.render_only:
+        render(json.loads((results / f"{NAME}.json").read_text()), results)
+        return
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for s in settings:
+        if s not in SETTINGS:
+            ap.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
+    for t in tools:
+        if t not in TOOLS:
+            ap.error(f"unknown tool {t!r}; choose from {', '.join(TOOLS)}")
+
+    import llmzip
+    from llmzip.models import demo_checkpoint
+
+    base = demo_checkpoint("smollm2-135m")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    calib = write_calibration(base, work, args.samples, args.seq_len)
+    print("calibration", calib, flush=True)
+    # Phase 1: every quantization, back to back, so their timings share quiet conditions.
+    rows = [{"setting": "bf16", "tool": "-", "tool_key": "bf16", "dir": str(base), "quant_s": None,
+             "peak_rss_mib": None, "bits_per_weight": 16.0, "bits_note": None, "calib_check": None,
+             "skipped": None}]
+    for s in settings:
+        for t in tools:
+            rows.append(quantize(t, s, base, work, calib, llmzip.__version__))
+            print({k: rows[-1][k] for k in ("setting", "tool", "quant_s", "peak_rss_mib", "bits_per_weight",
+                                            "calib_check", "skipped")}, flush=True)
+    # Phase 2: perplexity of every checkpoint with one protocol (llmzip loads the peers' too).
+    for r in rows:
+        if r["skipped"]:
+            continue
+        tag = f"ppl-{r['tool_key']}-{r['setting'].replace(' ', '_')}"
+        try:
+            p, _, _ = run_measured([*LLMZIP, "eval", "ppl", r["dir"], "--data", "wiki", "--ctx", "2048",
+                                    "--max-windows", str(args.max_windows), "--json"], work / "logs" / f"{tag}.log")
+        except Failed as e:
+            r["skipped"] = f"eval: {e}"
+            continue
+        r.update(ppl=p["ppl"], eval_tokens=p["tokens"], eval_dtype=p["dtype"])
+        print(r["setting"], r["tool"], r["ppl"], flush=True)
+    for r in rows:
+        r["ppl_ratio"] = round(r["ppl"] / rows[0]["ppl"], 4) if r.get("ppl") else None
+    b = rows[0]
+    result = {
+        "benchmark": "Calibrated weight-only quantization of SmolLM2-135M: llmzip vs llm-compressor vs HQQ",
+        "calibration": {**calib, "file": "WORK/calib.npy",
+                        "all_calibrated_rows_used_it": all((r["calib_check"] or {}).get("same_as_file", True)
+                                                           for r in rows)},
+        "gptq": "damping 0.01, block 128, act-order off (both tools); other settings each tool's default",
+        "ppl_protocol": f"llmzip eval ppl --data wiki --ctx 2048 --max-windows {args.max_windows} "
+                        f"({b.get('eval_tokens')} scored tokens, {b.get('eval_dtype')})",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
+        "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]),
+        "rows": rows,
+    }
+    old_file = results / f"{NAME}.json"
+    if args.merge and old_file.is_file():
+        old = json.loads(old_file.read_text())
+        same = old["calibration"]["digest"] == calib["digest"] and old["ppl_protocol"] == result["ppl_protocol"]
+        if not same:
+            raise SystemExit(f"--merge: {old_file} used other calibration or ppl protocol; not merging")
+        mine = {(r["setting"], r["tool_key"]) for r in rows}
+        kept = [r for r in old["rows"] if (r["setting"], r["tool_key"]) not in mine]
+        result["rows"] = [rows[0]] + [r for r in kept if r["tool_key"] != "bf16"] + rows[1:]
+        result["command"] = old["command"] + " ; " + result["command"]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    render(result, results)
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render(result: dict, results: Path) -> None:
+    rows = result["rows"]
+    c = result["calibration"]
+    lines = [f"# {result['benchmark']}", "",
+             f"Calibration: {c['samples']} x {c['seq_len']} tokens of '{c['source']}' (seed {c['seed']}, digest "
+             f"{c['digest']}), the same ids for every calibrated tool"
+             f"{'' if c['all_calibrated_rows_used_it'] else ' (NOT confirmed for every row: see the JSON)'}. "
+             f"GPTQ: {result['gptq']}.",
+             f"Perplexity: {result['ppl_protocol']}. Machine: {result['machine']}.",
+             f"Command: `{result['command']}`. quant s = wall time of the whole quantize process "
+             "(start-up + load + calibrate + quantize + save), all rows run back to back; peak RSS of that process.",
+             "", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    notes = []
+    for r in rows:
+        bpw = _num(r["bits_per_weight"], ".3f") + ("*" if r.get("bits_note") else "")
+        if r["skipped"]:
+            notes.append(f"{r['setting']}, {r['tool']}: `{r['skipped']}`")
+            ppl = f"skipped [{len(notes)}]"
+            lines.append(f"| {r['setting']} | {r['tool']} | {ppl} | - | {bpw} | "
+                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} |")
+            continue
+        lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {bpw} | "
+                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} |")
+    if any(r.get("bits_note") for r in rows):
+        note = next(r["bits_note"] for r in rows if r.get("bits_note"))
+        lines += ["", f"\\* HQQ bits/weight is {note}; llmzip and llm-compressor are symmetric "
+                      "(16-bit scale per group, no zero), measured from the saved checkpoint."]
+    if notes:
+        lines += ["", "Skipped rows, with the tool's own error:", ""]
+        lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines += ["", "llmzip / peer, same setting (below 1 favours llmzip; HQQ needs no calibration, so only ppl):", "",
+              "| setting | llmzip vs peer | ppl ratio | quant time ratio | peak RSS ratio |",
+              "|---|---|---:|---:|---:|"]
+    by = {(r["setting"], r["tool_key"]): r for r in rows}
+    for s in dict.fromkeys(r["setting"] for r in rows[1:]):
+        for ours, peer, full in PAIRS:
+            a, p = by.get((s, ours)), by.get((s, peer))
+            if not a or not p or not a.get("ppl") or not p.get("ppl"):
+                continue
+            t = f"{a['quant_s'] / p['quant_s']:.2f}" if full else "-"
+            m = f"{a['peak_rss_mib'] / p['peak_rss_mib']:.2f}" if full else "-"
+            lines.append(f"| {s} | {a['tool']} vs {p['tool']} | {a['ppl'] / p['ppl']:.4f} | {t} | {m} |")
+    if lines[-1].startswith("|---"):
+        lines.append("| (no llmzip row with a peer row of the same setting in this run) | | | | |")
+    text = "\n".join(lines) + "\n"
+    (results / f"{NAME}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
