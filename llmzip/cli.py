@@ -92,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
+    k = esub.add_parser("kld", help="KL divergence and top-1 agreement against a base model (eval/kld.py)")
+    k.add_argument("base", help="the reference model: demo alias, model dir, hub id or llmzip checkpoint")
+    k.add_argument("model", help="the model compared with it (usually a quantized checkpoint)")
+    k.add_argument("--data", default="wiki", help="built-in corpus (wiki), text file, or hub:ID[:CONFIG]:SPLIT:COLUMN")
+    k.add_argument("--ctx", type=int, default=2048, help="tokens per window (default: 2048)")
+    k.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    k.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: each checkpoint's)")
+    k.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+    c = sub.add_parser("compare", help="quality of checkpoints vs their base model: report + CI verdict (exit 1)",
+                       description="Perplexity, KL divergence and top-1 agreement of each MODEL against BASE "
+                                   "on one text; writes report.md/report.json/plots to --report and exits 1 when "
+                                   "a model breaks a threshold.")
+    c.add_argument("base", help="the reference model (demo alias, model dir, hub id)")
+    c.add_argument("models", nargs="+", help="checkpoints to compare with it")
+    c.add_argument("--data", default="wiki", help="built-in corpus (wiki), text file, or hub:ID[:CONFIG]:SPLIT:COLUMN")
+    c.add_argument("--ctx", type=int, default=2048, help="tokens per window (default: 2048)")
+    c.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    c.add_argument("--max-ppl-increase", default=None, help="fail above this perplexity increase, e.g. 2%% or 0.02")
+    c.add_argument("--max-kld", type=float, default=None, help="fail above this mean KL divergence (nats)")
+    c.add_argument("--report", default="llmzip-report", help="report directory (default: ./llmzip-report)")
+    c.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: each checkpoint's)")
+    c.add_argument("--json", action="store_true", help="print report.json's summary as the last line")
+
     i = sub.add_parser("info", help="size report of a checkpoint")
     i.add_argument("path", help="checkpoint directory")
     i.add_argument("--json", action="store_true", help="print the report as JSON on the last line")

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import EXIT_OK, _dtype, print_json
+from .cli import EXIT_OK, EXIT_REGRESSION, _dtype, print_json
 
 log = logging.getLogger("llmzip")
 
@@ -73,6 +73,55 @@ def eval_ppl(args) -> int:
         out.update(model=args.model, data=args.data)
         print_json(out)
     return EXIT_OK
+
+
+def eval_kld(args) -> int:
+    from .data import load_text
+    from .eval.kld import kl_divergence
+    from .eval.perplexity import tokenize
+
+    text = load_text(args.data)
+    base, base_tok = load_for_eval(args.base, _dtype(args.dtype))
+    model, tok = load_for_eval(args.model, _dtype(args.dtype))
+    check_same_tokenizer(base_tok, tok, args.base, args.model)
+    res = kl_divergence(base, model, tokenize(base_tok, text), ctx=args.ctx, max_windows=args.max_windows)
+    print(f"KLD mean {res.mean_kld:.5f}  median {res.median_kld:.5f}  p99 {res.p99_kld:.4f}  "
+          f"top-1 agreement {res.top1_agreement:.4f}  ppl {res.ppl:.4f} / base {res.base_ppl:.4f} "
+          f"= {res.ppl_ratio:.4f}  ({res.tokens} tokens)")
+    if args.json:
+        print_json({**res.to_dict(), "base": args.base, "model": args.model, "data": args.data})
+    return EXIT_OK
+
+
+def compare(args) -> int:
+    from .config import ConfigError
+    from .eval.compare import Thresholds, compare as run, format_table, parse_fraction
+
+    try:
+        inc = None if args.max_ppl_increase is None else parse_fraction(args.max_ppl_increase)
+    except ValueError:
+        raise ConfigError(f"--max-ppl-increase {args.max_ppl_increase!r}: use a percentage (2%) or fraction (0.02)")
+    report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
+                 Thresholds(max_ppl_increase=inc, max_kld=args.max_kld), dtype=_dtype(args.dtype))
+    print(format_table(report))
+    print(f"report: {Path(args.report) / 'report.md'}" + (f" (+ {', '.join(report['plots'])})" if report["plots"] else ""))
+    if args.json:
+        print_json({"passed": report["passed"], "report_dir": str(args.report),
+                    "rows": [{k: r[k] for k in ("model", "ppl", "ppl_ratio", "mean_kld", "top1_agreement",
+                                                "bits_per_weight", "failures")} for r in report["rows"]]})
+    if not report["passed"]:
+        print("llmzip: quality regression: " + "; ".join(f"{r['model']}: {', '.join(r['failures'])}"
+                                                        for r in report["rows"] if r["failures"]), file=sys.stderr)
+        return EXIT_REGRESSION
+    return EXIT_OK
+
+
+def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
+    """KLD compares distributions over one vocabulary: refuse different tokenizers."""
+    from .models import ModelError
+
+    if a.get_vocab() != b.get_vocab():
+        raise ModelError(f"{name_a} and {name_b} have different tokenizers; KL divergence needs the same vocabulary")
 
 
 def info(args) -> int:

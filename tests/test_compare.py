@@ -1,0 +1,64 @@
+"""`llmzip compare`: regression report and CI verdict on SmolLM2-135M."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmzip.eval.compare import Thresholds, parse_fraction
+
+
+@pytest.fixture(scope="module")
+def checkpoints(smollm2_dir, tmp_path_factory):
+    """RTN W8 and W3 (g64) checkpoints of SmolLM2."""
+    import llmzip
+    from llmzip.config import QuantConfig, WeightScheme
+
+    d = tmp_path_factory.mktemp("ckpts")
+    for bits in (8, 3):
+        llmzip.quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(bits, 64)), output_dir=d / f"w{bits}",
+                        progress=False)
+    return d
+
+
+def _compare(base, *models, report, extra=()):
+    cmd = [sys.executable, "-m", "llmzip", "compare", str(base), *map(str, models), "--ctx", "256",
+           "--max-windows", "2", "--max-ppl-increase", "2%", "--max-kld", "0.05", "--report", str(report), "--json",
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_thresholds_and_fractions():
+    assert parse_fraction("2%") == 0.02 and parse_fraction("0.02") == 0.02
+    t = Thresholds(max_ppl_increase=0.02, max_kld=0.05)
+    assert t.failures({"ppl_ratio": 1.019, "mean_kld": 0.049}) == []
+    assert len(t.failures({"ppl_ratio": 1.021, "mean_kld": 0.051})) == 2
+
+
+def test_compare_passes_w8_and_fails_w3(smollm2_dir, checkpoints, tmp_path):
+    ok = _compare(smollm2_dir, checkpoints / "w8", report=tmp_path / "r8")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "r8" / "report.json").read_text())
+    assert summary["passed"] is True and report["passed"] is True
+    (row,) = report["rows"]
+    # The printed numbers are the report's numbers.
+    assert summary["rows"][0]["mean_kld"] == row["mean_kld"] and summary["rows"][0]["ppl"] == row["ppl"]
+    assert f"{row['mean_kld']:.5f}" in (tmp_path / "r8" / "report.md").read_text()
+    assert row["bits_per_weight"] == pytest.approx(8.25, abs=0.01) and len(row["layer_rel_err"]) == 210
+    for png in ("quality_vs_bits.png", "layer_error.png", "window_ppl.png"):
+        assert (tmp_path / "r8" / png).stat().st_size > 1000
+
+    bad = _compare(smollm2_dir, checkpoints / "w8", checkpoints / "w3", report=tmp_path / "r8")
+    assert bad.returncode == 1, bad.stderr
+    assert "w3" in bad.stderr and "quality regression" in bad.stderr
+    assert "cached result" in bad.stderr  # W8 was evaluated by the first run
+    rows = json.loads((tmp_path / "r8" / "report.json").read_text())["rows"]
+    assert [r["failures"] == [] for r in rows] == [True, False]
+    assert rows[1]["mean_kld"] > 0.05 and rows[1]["ppl_ratio"] > 1.02
+
+
+def test_bad_threshold_is_a_usage_error(smollm2_dir, tmp_path):
+    out = _compare(smollm2_dir, smollm2_dir, report=tmp_path / "r", extra=["--max-ppl-increase", "lots"])
+    assert out.returncode == 2 and "--max-ppl-increase" in out.stderr
