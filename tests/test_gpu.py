@@ -32,3 +32,21 @@ def test_calibration_on_cuda_matches_cpu(method):
         with torch.no_grad():
             out[device] = model(test).logits
     assert ((out["cuda"] - out["cpu"]).norm() / out["cpu"].norm()).item() < 1e-2
+
+
+def test_moe_calibration_on_cuda_matches_cpu():
+    from test_moe import _ids, _model
+
+    from llmzip.moe import prepare_experts
+
+    cfg = QuantConfig(method="awq+gptq", weights=WeightScheme(4, 32))
+    out, counts = {}, {}
+    for device in ("cpu", "cuda"):
+        model = _model("qwen3_moe")
+        prepare_experts(model)
+        report = calibrate_model(model, cfg, _ids(), targets(model, cfg)[0], device=device, progress=False)
+        counts[device] = report["blocks"][0]["expert_tokens"]
+        with torch.no_grad():
+            out[device] = model(_ids()).logits
+    assert counts["cuda"] == counts["cpu"]
+    assert ((out["cuda"] - out["cpu"]).norm() / out["cpu"].norm()).item() < 1e-2
