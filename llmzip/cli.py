@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
+    t = esub.add_parser("tasks", help="built-in offline downstream tasks (protocols in eval/tasks.py)")
+    t.add_argument("model", help="llmzip checkpoint, demo alias, local model dir or hub id")
+    t.add_argument("--tasks", default="wiki_cloze,gpqa_diamond",
+                   help="comma-separated: wiki_cloze, gpqa_diamond, gsm8k (default: wiki_cloze,gpqa_diamond)")
+    t.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    t.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    t.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+
     k = esub.add_parser("kld", help="KL divergence and top-1 agreement against a base model (eval/kld.py)")
     k.add_argument("base", help="the reference model: demo alias, model dir, hub id or llmzip checkpoint")
     k.add_argument("model", help="the model compared with it (usually a quantized checkpoint)")

@@ -75,6 +75,24 @@ def eval_ppl(args) -> int:
     return EXIT_OK
 
 
+def eval_tasks(args) -> int:
+    from .eval.tasks import TASKS, run_tasks
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:  # before loading a model
+        from .data import DataError
+
+        raise DataError(f"unknown task(s) {', '.join(unknown)}: built-in tasks are {', '.join(TASKS)}")
+    model, tok = load_for_eval(args.model, _dtype(args.dtype))
+    results = run_tasks(model, tok, names, limit=args.limit)
+    for r in results:
+        print(f"{r.task:<14} {r.metric:<12} {r.value:.4f} +- {r.stderr:.4f}  (n={r.n}, {r.seconds:.1f}s)")
+    if args.json:
+        print_json({"model": args.model, "results": [r.to_dict() for r in results]})
+    return EXIT_OK
+
+
 def eval_kld(args) -> int:
     from .data import load_text
     from .eval.kld import kl_divergence
