@@ -65,7 +65,7 @@ def content_digest(path: str | Path) -> str:
 def compare(base: str, models: list[str], data: str, ctx: int, max_windows: int | None, report_dir: str | Path,
             thresholds: Thresholds, dtype=None, progress: bool = True) -> dict:
     """Evaluate `models` against `base`; write the report; return it (see module doc)."""
-    from llmzip.commands import check_same_tokenizer, load_for_eval
+    from llmzip.models import check_same_tokenizer, load_for_eval
     from llmzip.data import load_text
     from llmzip.info import size_report
 

@@ -38,9 +38,9 @@ def dequantize_packed(
     return dequantize(q, weight_scale, zero, group, dtype, g_idx=weight_g_idx)
 
 
-def linear(x: torch.Tensor, module) -> torch.Tensor:
-    """y = x @ W^T + b with W dequantized from `module`'s packed tensors."""
-    w = dequantize_packed(
+def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """A QuantLinear's weight [out, in], dequantized into `dtype`."""
+    return dequantize_packed(
         module.weight_packed,
         module.weight_scale,
         getattr(module, "weight_zero_point", None),
@@ -48,6 +48,10 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
         module.bits,
         module.out_features,
         module.in_features,
-        x.dtype,
+        dtype,
     )
-    return F.linear(x, w, module.bias)
+
+
+def linear(x: torch.Tensor, module) -> torch.Tensor:
+    """y = x @ W^T + b with W dequantized from `module`'s packed tensors."""
+    return F.linear(x, dense_weight(module, x.dtype), module.bias)

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 from .cli import EXIT_OK, EXIT_REGRESSION, _dtype, print_json
+from .models import check_same_tokenizer, load_for_eval
 
 log = logging.getLogger("llmzip")
-
-
-def load_for_eval(model: str, dtype=None):
-    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id."""
-    from transformers import AutoTokenizer
-
-    from .checkpoint import load
-    from .models import load_pretrained
-
-    cfg = Path(model).expanduser() / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return load(Path(model), dtype=dtype), AutoTokenizer.from_pretrained(Path(model))
-    return load_pretrained(model, dtype=dtype)
 
 
 def quantize(args) -> int:
@@ -132,14 +119,6 @@ def compare(args) -> int:
                                                         for r in report["rows"] if r["failures"]), file=sys.stderr)
         return EXIT_REGRESSION
     return EXIT_OK
-
-
-def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
-    """KLD compares distributions over one vocabulary: refuse different tokenizers."""
-    from .models import ModelError
-
-    if a.get_vocab() != b.get_vocab():
-        raise ModelError(f"{name_a} and {name_b} have different tokenizers; KL divergence needs the same vocabulary")
 
 
 def info(args) -> int:

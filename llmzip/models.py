@@ -179,3 +179,21 @@ def load_lazy_pretrained(model: str, dtype, calibrated: bool, trust_remote_code:
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"'{model}' has no .safetensors weights; llmzip never unpickles .bin checkpoints")
     return load_lazy(path, dtype, (lambda m: arch_of(m).layers) if calibrated else None, trust_remote_code)
+
+
+def load_for_eval(model: str, dtype=None):
+    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+
+    cfg = Path(model).expanduser() / "config.json"
+    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
+        return load(Path(model), dtype=dtype), AutoTokenizer.from_pretrained(Path(model))
+    return load_pretrained(model, dtype=dtype)
+
+
+def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
+    """KLD compares distributions over one vocabulary: refuse different tokenizers."""
+    if a.get_vocab() != b.get_vocab():
+        raise ModelError(f"{name_a} and {name_b} have different tokenizers; KL divergence needs the same vocabulary")

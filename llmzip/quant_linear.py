@@ -14,7 +14,10 @@ The forward pass is delegated to the kernel chosen by llmzip.kernels.registry.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import WeightScheme
@@ -57,6 +60,7 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self._kernel_device = None
         self.refused_kernels: dict[str, str] = {}
+        self._dense: dict | None = None  # dtype -> dequantized weight, inside cached_dense_weights
 
     @property
     def bits(self) -> int:
@@ -106,6 +110,13 @@ class QuantLinear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            w = self._dense.get(x.dtype)
+            if w is None:
+                from llmzip.kernels.reference import dense_weight
+
+                w = self._dense[x.dtype] = dense_weight(self, x.dtype)
+            return F.linear(x, w, self.bias)
         if self._kernel is None or self._kernel_device != x.device:
             self.select_kernel(x.device)
         return self._kernel.linear(x, self)
@@ -115,3 +126,18 @@ class QuantLinear(nn.Module):
         g = "channel" if s.group_size is None else f"g{s.group_size}"
         sym = "sym" if s.symmetric else "asym"
         return f"in={self.in_features}, out={self.out_features}, w{s.bits} {g} {sym}, bias={self.bias is not None}"
+
+
+@contextmanager
+def cached_dense_weights(module: nn.Module):
+    """Inside the block, each QuantLinear under `module` dequantizes its weight once
+    (as the reference kernel does) and reuses it for every call: for many passes over
+    one layer, as calibration makes. The dense copies are dropped on exit."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m._dense = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._dense = None

@@ -24,7 +24,7 @@ from .algorithms.gptq import HessianAccumulator, gptq
 from .arch import arch_of, decoder_layers
 from .config import QuantConfig
 from .moe import calibrating_all_experts, expert_token_counts
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, cached_dense_weights
 from .resume import LayerCheckpoints
 from .smoothing import awq_layer
 from .surgery import set_module
@@ -154,26 +154,35 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
                                           lambda lyr, x: _first(lyr(x, **kwargs)))
     stats = {}
     if config.uses_gptq:
-        run = lambda: [_first(layer(x, **kwargs)) for x in inputs]  # noqa: E731
-        groups = _input_groups(layer, names, inputs[0], kwargs) if config.gptq.true_sequential else [list(names)]
-        for i, group in enumerate(groups):
-            hess = {n: HessianAccumulator(names[n].in_features, names[n].weight.device) for n in group}
-            hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in group]
+        # Linears reading the same input (q/k/v, gate/up) share one Hessian.
+        groups = _input_groups(layer, names, inputs[0], kwargs)
+        passes = [[g] for g in groups] if config.gptq.true_sequential else [groups]
+        for i, pass_groups in enumerate(passes):
+            hess = {g[0]: HessianAccumulator(names[g[0]].in_features, names[g[0]].weight.device) for g in pass_groups}
+            hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in hess]
             try:
-                with calibrating_all_experts(layer):
-                    outs = run()
+                with calibrating_all_experts(layer), cached_dense_weights(layer):
+                    outs = [_first(layer(x, **kwargs)) for x in inputs]
             finally:
                 for h in hooks:
                     h.remove()
             if ref is None and i == 0:
                 ref = outs  # the float layer's output
-            for n in group:
-                lin = names[n]
-                res, info = gptq(lin.weight.data, hess.pop(n).H, config.weights, config.gptq, config.clip)
-                stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size),
-                                     "damp": info["damp"]}
-                set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights,
-                                                                res.g_idx))
+            for group in pass_groups:
+                H = hess.pop(group[0]).H
+                # GPTQ treats rows independently given H: one solve per chunk of the group.
+                for chunk in _row_chunks(group, names):
+                    lins = [names[n] for n in chunk]
+                    W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
+                    res, info = gptq(W, H, config.weights, config.gptq, config.clip)
+                    row = 0
+                    for n, lin in zip(chunk, lins):
+                        part = res.rows(row, row + lin.out_features)
+                        row += lin.out_features
+                        stats[prefix + n] = {"rel_err": part.rel_err(lin.weight.data, config.weights.group_size),
+                                             "damp": info["damp"]}
+                        set_module(layer, n, QuantLinear.from_quantized(lin, part.q, part.scale, part.zero,
+                                                                        config.weights, part.g_idx))
         if config.gptq.true_sequential:
             block["groups"] = len(groups)
     else:
@@ -188,13 +197,27 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
             if min(counts) == 0:
                 log.info("%s%s: experts %s got no routed calibration tokens (calibrated on all tokens)", prefix, n,
                          [e for e, c in enumerate(counts) if c == 0])
-    outs = [_first(layer(x, **kwargs)) for x in inputs]
+    with cached_dense_weights(layer):
+        outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
     # that update: the residual itself would hide the error.
     num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
     den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
     block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))
     return outs, stats, block
+
+
+def _row_chunks(group: list[str], names: dict, max_rows: int = 8192) -> list[list[str]]:
+    """Split a group of Linears into runs of at most `max_rows` output rows (at least
+    one Linear each), so a solve over many MoE experts stays bounded in memory."""
+    chunks, rows = [[]], 0
+    for n in group:
+        if chunks[-1] and rows + names[n].out_features > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(n)
+        rows += names[n].out_features
+    return chunks
 
 
 @torch.no_grad()

@@ -137,3 +137,25 @@ def test_load_rejects_unquantized_dir(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="no quantization_config"):
         load(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cached_dense_weights_match_the_reference_kernel(symmetric):
+    """Inside cached_dense_weights a QuantLinear dequantizes once and gives exactly the
+    reference kernel's output; outside, nothing dense is kept."""
+    from llmzip.algorithms.rtn import rtn
+    from llmzip.quant_linear import cached_dense_weights
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True).to(torch.bfloat16)
+    scheme = WeightScheme(4, 32, symmetric)
+    res = rtn(lin.weight.data, scheme)
+    ql = QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, scheme)
+    x = torch.randn(3, 7, 128, generator=g).to(torch.bfloat16)
+    ref = ql(x)
+    block = torch.nn.Sequential(ql)
+    with cached_dense_weights(block):
+        first, second = block(x), block(x)
+        assert list(ql._dense) == [torch.bfloat16]
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    assert ql._dense is None

@@ -27,6 +27,11 @@ class QuantResult:
     def dequantize(self, group_size: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.zero, group_size, dtype, g_idx=self.g_idx)
 
+    def rows(self, start: int, stop: int) -> "QuantResult":
+        """The result for output rows [start, stop) (every field is row-wise but g_idx)."""
+        zero = None if self.zero is None else self.zero[start:stop]
+        return QuantResult(self.q[start:stop], self.scale[start:stop], zero, self.g_idx)
+
     def rel_err(self, weight: torch.Tensor, group_size: int | None) -> float:
         """||W - dequant(q)||_F / ||W||_F, rounded to 6 decimals."""
         w = weight.float()
