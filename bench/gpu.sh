@@ -12,4 +12,5 @@ mkdir -p "$OUT"
 if [ -d bench/.wheels ]; then python -m pip install -q --no-index --no-deps bench/.wheels/*.whl; fi
 python -m pip install -q --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/pytest_gpu.txt"
+TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/pytest_gpu.txt"
+python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"

@@ -15,3 +15,9 @@ if [ ! -x .venvs/hqq/bin/python ]; then
   .venvs/hqq/bin/pip install -q torch==2.13.0  # first: the CPU wheel on this disk, never a CUDA one
   .venvs/hqq/bin/pip install -q "hqq==0.2.*" transformers safetensors
 fi
+if [ ! -x .venvs/lmeval/bin/python ]; then
+  python3 -m venv .venvs/lmeval
+  .venvs/lmeval/bin/pip install -q --upgrade pip
+  .venvs/lmeval/bin/pip install -q torch==2.13.0
+  .venvs/lmeval/bin/pip install -q "lm-eval==0.4.13" transformers accelerate
+fi

@@ -14,6 +14,13 @@ Protocol (also written into every result):
 4. ppl = exp(sum of token NLLs / number of scored tokens), NLL in fp32 from the
    model's logits (computed in the model's dtype).
 `max_windows` keeps only the first N windows, for quick comparisons.
+
+With a quantized KV cache (`kv_cache`, llmzip.kv_cache), each window is fed in chunks
+of `kv_chunk` tokens through a fresh QuantizedKVCache, so every token reads the keys
+and values of earlier chunks back from the quantized cache (and, beyond the residual
+window, those of its own chunk too). kv_chunk = 1 is token-by-token decoding, exactly
+what a deployed cache sees; larger chunks are faster and can only be kinder to the cache
+(tokens of the current chunk inside the residual window are read in full precision).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class PerplexityResult:
     tokens_per_s: float
     window_ppl: list[float]
     protocol: str = "llmzip-ppl-v1: tokenize once, no BOS, windows of ctx, first token of each window unscored"
+    kv_cache: str | None = None  # e.g. "int4 residual 128 group 32, chunk 16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,8 +81,11 @@ def perplexity(
     stride: int | None = None,
     max_windows: int | None = None,
     progress: bool = True,
+    kv_cache=None,
+    kv_chunk: int = 16,
 ) -> PerplexityResult:
-    """Perplexity of `model` over a 1-D LongTensor of token ids (see module docstring)."""
+    """Perplexity of `model` over a 1-D LongTensor of token ids (see module docstring).
+    kv_cache: a llmzip.kv_cache.KVCacheConfig to read K/V through, fed kv_chunk tokens at a time."""
     spans = windows(token_ids.numel(), ctx, stride)
     if max_windows is not None:
         spans = spans[:max_windows]
@@ -83,7 +94,7 @@ def perplexity(
     t0 = time.perf_counter()
     for start, end, first in tqdm(spans, desc=f"ppl ctx={ctx}", unit="win", disable=not progress):
         ids = token_ids[start:end].unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        logits = _logits(model, ids, kv_cache, kv_chunk)[:-1]
         targets = ids[0, 1:]
         nll = F.cross_entropy(logits, targets, reduction="none")
         nll = nll[first - start - 1 :]  # logits[i] predicts token start+i+1
@@ -97,7 +108,22 @@ def perplexity(
         ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(spans), ctx=ctx,
         stride=stride or ctx, dtype=dtype, seconds=round(seconds, 3),
         tokens_per_s=round(sum(e - s for s, e, _ in spans) / seconds, 1), window_ppl=per_window,
+        kv_cache=None if kv_cache is None else (
+            f"{kv_cache.dtype}" + (f" residual {kv_cache.residual} group {kv_cache.group}" if kv_cache.kivi else "")
+            + f", chunk {kv_chunk}"),
     )
+
+
+def _logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int) -> torch.Tensor:
+    """fp32 logits [T, vocab] of one window, through a quantized KV cache when asked."""
+    if kv_cache is None:
+        return model(ids, use_cache=False).logits[0].float()
+    from llmzip.kv_cache import QuantizedKVCache
+
+    cache = QuantizedKVCache(kv_cache)
+    parts = [model(ids[:, c:c + kv_chunk], past_key_values=cache, use_cache=True).logits[0].float()
+             for c in range(0, ids.shape[1], kv_chunk)]
+    return torch.cat(parts)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -25,6 +25,11 @@ is also in every result.
 
 stderr of an accuracy p over n items: sqrt(p (1 - p) / (n - 1)) (the sample standard
 error of the per-item 0/1 scores, as lm-eval reports it).
+
+Batching (`batch_size`): log-likelihood requests are sorted by length and run
+batch_size at a time, right-padded with an attention mask; gsm8k prompts are generated
+batch_size at a time, left-padded. Any other task name is an lm-evaluation-harness task
+(eval/lmeval.py, the `eval` extra).
 """
 
 from __future__ import annotations
@@ -54,9 +59,13 @@ class TaskResult:
     n: int
     seconds: float
     prompt: str
+    tokens: int | None = None  # tokens the model read (prompts + continuations + generated)
+    higher_is_better: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["tokens_per_s"] = round(self.tokens / self.seconds, 1) if self.tokens and self.seconds else None
+        return d
 
 
 def stderr(p: float, n: int) -> float:
@@ -121,13 +130,37 @@ def _encode(tok, text: str) -> list[int]:
 
 
 @torch.no_grad()
+def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 1,
+                   progress: bool = False, desc: str = "") -> list[tuple[float, bool]]:
+    """For each (context, continuation) token-id pair: (sum of log P(continuation |
+    context), whether every continuation token is the argmax). Requests run batch_size at
+    a time, longest first, right-padded (causal attention: padding after a sequence does
+    not change its logits)."""
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    out: list = [None] * len(requests)
+    dev = _device(model)
+    batches = range(0, len(order), batch_size)
+    for b in tqdm(batches, desc=desc, disable=not progress):
+        idx = order[b:b + batch_size]
+        seqs = [requests[i][0] + requests[i][1] for i in idx]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, seq in enumerate(seqs):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        logits = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        for r, i in enumerate(idx):
+            n_ctx, n_cont = len(requests[i][0]), len(requests[i][1])
+            lg = logits[r, n_ctx - 1:n_ctx + n_cont - 1].float()
+            target = ids[r, n_ctx:n_ctx + n_cont].to(lg.device)
+            logp = F.log_softmax(lg, -1).gather(-1, target[:, None]).sum().item()
+            out[i] = (logp, bool((lg.argmax(-1) == target).all()))
+    return out
+
+
 def continuation_scores(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """(sum of log P(continuation | context), whether every continuation token is the argmax)."""
-    ids = torch.tensor([context + continuation], device=_device(model))
-    logits = model(ids, use_cache=False).logits[0, len(context) - 1 : -1].float()
-    target = ids[0, len(context):]
-    logp = F.log_softmax(logits, -1)
-    return logp.gather(-1, target[:, None]).sum().item(), bool((logits.argmax(-1) == target).all())
+    return score_requests(model, [(context, continuation)])[0]
 
 
 # ---------- tasks ----------
@@ -153,16 +186,15 @@ def wiki_cloze_items(n: int = 500, seed: int = 0) -> list[tuple[str, str]]:
     return rng.sample(items, min(n, len(items)))
 
 
-def wiki_cloze(model, tok, limit: int | None = None, progress: bool = True) -> TaskResult:
+def wiki_cloze(model, tok, limit: int | None = None, progress: bool = True, batch_size: int = 1) -> TaskResult:
     items = wiki_cloze_items()[:limit]
-    hits = 0
     t0 = time.perf_counter()
-    for context, word in tqdm(items, desc="wiki_cloze", disable=not progress):
-        _, greedy = continuation_scores(model, _encode(tok, context), _encode(tok, " " + word))
-        hits += greedy
-    p = hits / len(items)
+    requests = [(_encode(tok, context), _encode(tok, " " + word)) for context, word in items]
+    scores = score_requests(model, requests, batch_size, progress, "wiki_cloze")
+    p = sum(greedy for _, greedy in scores) / len(items)
     return TaskResult("wiki_cloze", "acc", p, stderr(p, len(items)), len(items), round(time.perf_counter() - t0, 2),
-                      "PASSAGE + ' ' + WORD; greedy match of every token of ' WORD'")
+                      "PASSAGE + ' ' + WORD; greedy match of every token of ' WORD'",
+                      tokens=sum(len(a) + len(b) for a, b in requests))
 
 
 def gpqa_items() -> list[dict]:
@@ -186,17 +218,19 @@ def gpqa_prompt(item: dict) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def gpqa_diamond(model, tok, limit: int | None = None, progress: bool = True) -> TaskResult:
+def gpqa_diamond(model, tok, limit: int | None = None, progress: bool = True, batch_size: int = 1) -> TaskResult:
     items = gpqa_items()[:limit]
-    hits = 0
     t0 = time.perf_counter()
-    for item in tqdm(items, desc="gpqa_diamond", disable=not progress):
+    requests = []
+    for item in items:
         ctx = _encode(tok, gpqa_prompt(item))
-        scores = [continuation_scores(model, ctx, _encode(tok, f" ({letter})"))[0] for letter in "ABCD"]
-        hits += mc_prediction(scores) == item["answer"]
+        requests += [(ctx, _encode(tok, f" ({letter})")) for letter in "ABCD"]
+    scores = [logp for logp, _ in score_requests(model, requests, batch_size, progress, "gpqa_diamond")]
+    hits = sum(mc_prediction(scores[4 * k:4 * k + 4]) == item["answer"] for k, item in enumerate(items))
     p = hits / len(items)
     return TaskResult("gpqa_diamond", "acc", p, stderr(p, len(items)), len(items),
-                      round(time.perf_counter() - t0, 2), gpqa_prompt({"question": "Q", "choices": list("abcd")}))
+                      round(time.perf_counter() - t0, 2), gpqa_prompt({"question": "Q", "choices": list("abcd")}),
+                      tokens=sum(len(a) + len(b) for a, b in requests))
 
 
 GSM8K_SHOTS, GSM8K_MAX_NEW = 5, 256
@@ -212,31 +246,74 @@ def gsm8k_prefix(items: list[dict]) -> str:
                    for x in items[:GSM8K_SHOTS])
 
 
-def gsm8k(model, tok, limit: int | None = None, progress: bool = True) -> TaskResult:
+@torch.no_grad()
+def gsm8k(model, tok, limit: int | None = None, progress: bool = True, batch_size: int = 1) -> TaskResult:
     items = gsm8k_items()
     prefix, scored = gsm8k_prefix(items), items[GSM8K_SHOTS:][:limit]
-    hits = 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hits = tokens = 0
     t0 = time.perf_counter()
-    for x in tqdm(scored, desc="gsm8k", disable=not progress):
-        ids = torch.tensor([_encode(tok, prefix + f"Question: {x['question']}\nAnswer:")], device=_device(model))
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GSM8K_MAX_NEW,
-                             do_sample=False, stop_strings=["Question:"], tokenizer=tok,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("Question:")[0]
-        hits += extract_gsm8k_answer(completion) == extract_gsm8k_answer(x["answer"])
+    for b in tqdm(range(0, len(scored), batch_size), desc="gsm8k", disable=not progress):
+        batch = scored[b:b + batch_size]
+        prompts = [_encode(tok, prefix + f"Question: {x['question']}\nAnswer:") for x in batch]
+        width = max(map(len, prompts))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        out = model.generate(ids.to(_device(model)), attention_mask=mask.to(_device(model)),
+                             max_new_tokens=GSM8K_MAX_NEW, do_sample=False, stop_strings=["Question:"],
+                             tokenizer=tok, pad_token_id=pad)
+        for r, x in enumerate(batch):
+            new = out[r, width:]
+            tokens += len(prompts[r]) + int((new != pad).sum())
+            completion = tok.decode(new, skip_special_tokens=True).split("Question:")[0]
+            hits += extract_gsm8k_answer(completion) == extract_gsm8k_answer(x["answer"])
     p = hits / len(scored)
     return TaskResult("gsm8k", "exact_match", p, stderr(p, len(scored)), len(scored),
                       round(time.perf_counter() - t0, 2),
-                      f"{GSM8K_SHOTS}-shot 'Question: Q\\nAnswer: A\\n\\n', greedy, <= {GSM8K_MAX_NEW} new tokens")
+                      f"{GSM8K_SHOTS}-shot 'Question: Q\\nAnswer: A\\n\\n', greedy, <= {GSM8K_MAX_NEW} new tokens",
+                      tokens=tokens)
 
 
 TASKS = {"wiki_cloze": wiki_cloze, "gpqa_diamond": gpqa_diamond, "gsm8k": gsm8k}
 
 
-def run_tasks(model, tok, names: list[str], limit: int | None = None, progress: bool = True) -> list[TaskResult]:
+def check_tasks(names: list[str], include_path: str | None = None) -> None:
+    """Raise DataError, before any model is loaded, for a name that is neither a
+    built-in task nor a task (or group) lm-eval knows."""
     from llmzip.data import DataError
 
-    unknown = [n for n in names if n not in TASKS]
+    if not names:
+        raise DataError("no task given")
+    others = [n for n in names if n not in TASKS]
+    if not others:
+        return
+    from .lmeval import lm_eval_task_names
+
+    known = lm_eval_task_names(include_path)
+    if known is None:
+        raise DataError(f"{', '.join(others)}: not built-in (built-in tasks: {', '.join(TASKS)}); lm-eval tasks "
+                        "need the eval extra: pip install 'llmzip[eval]'")
+    unknown = [n for n in others if n not in known]
     if unknown:
-        raise DataError(f"unknown task(s) {', '.join(unknown)}: built-in tasks are {', '.join(TASKS)}")
-    return [TASKS[n](model, tok, limit=limit, progress=progress) for n in names]
+        raise DataError(f"unknown task(s) {', '.join(unknown)}: neither built-in ({', '.join(TASKS)}) nor "
+                        "an lm-eval task" + ("" if include_path else " (local task YAMLs: --include-path DIR)"))
+
+
+def run_tasks(model, tok, names: list[str], limit: int | None = None, progress: bool = True, batch_size: int = 1,
+              include_path: str | None = None) -> list[TaskResult]:
+    """Built-in tasks by name, the rest through lm-eval on the same model object; results
+    in the order of `names` (an lm-eval task gives one result per metric)."""
+    check_tasks(names, include_path)
+    results = {n: [TASKS[n](model, tok, limit=limit, progress=progress, batch_size=batch_size)]
+               for n in names if n in TASKS}
+    others = [n for n in names if n not in TASKS]
+    if others:
+        from .lmeval import run_lm_eval
+
+        for r in run_lm_eval(model, tok, others, limit=limit, batch_size=batch_size, include_path=include_path):
+            results.setdefault(r.task, []).append(r)
+    ordered = [r for n in names for r in results.pop(n, [])]
+    return ordered + [r for rs in results.values() for r in rs]  # subtasks of lm-eval groups

@@ -8,6 +8,7 @@ Faster kernels are inserted ahead of the reference, which accepts every layer.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +34,7 @@ class Kernel:
     name: str
     can_implement: Callable[[LayerSpec, torch.device], tuple[bool, str]]
     linear: Callable  # (x, module) -> y
+    prepare: Callable | None = None  # (module) -> None: fill module.kernel_cache once, when selected
 
 
 def _reference_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
@@ -41,8 +43,62 @@ def _reference_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
 
 REFERENCE = Kernel("reference", _reference_ok, reference.linear)
 
-# First match wins. Faster kernels register themselves ahead of the reference.
-KERNELS: list[Kernel] = [REFERENCE]
+
+def _triton_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    from . import triton_qmm
+
+    if triton_qmm.triton is None:
+        return False, "triton is not installed (pip install triton)"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LLMZIP_KERNEL") == "triton":
+            return True, "Triton interpreter on CPU (forced with LLMZIP_KERNEL=triton; for tests, slow)"
+        return False, "Triton runs on CUDA (on CPU only under TRITON_INTERPRET=1 with LLMZIP_KERNEL=triton)"
+    if device.type != "cuda":
+        return False, f"Triton runs on CUDA, not {device.type}"
+    if not 2 <= spec.bits <= 8:
+        return False, f"{spec.bits}-bit codes: the kernel reads 2..8-bit codes"
+    return True, "fused dequantize + matmul (split-K for M <= 16)"
+
+
+def _triton_prepare(module) -> None:
+    from . import triton_qmm
+
+    module.kernel_cache["triton"] = triton_qmm.repack(module)
+
+
+def _triton_linear(x: torch.Tensor, module) -> torch.Tensor:
+    from . import triton_qmm
+
+    if "triton" not in module.kernel_cache:
+        _triton_prepare(module)
+    y = triton_qmm.qmm(x, module.kernel_cache["triton"])
+    return y if module.bias is None else y + module.bias.to(y.dtype)
+
+
+TRITON = Kernel("triton", _triton_ok, _triton_linear, _triton_prepare)
+
+def _cpu_int4_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    from . import cpu_int4
+
+    return cpu_int4.can_implement(spec, device)
+
+
+def _cpu_int4_linear(x: torch.Tensor, module) -> torch.Tensor:
+    from . import cpu_int4
+
+    return cpu_int4.linear(x, module)
+
+
+def _cpu_int4_prepare(module) -> None:
+    from . import cpu_int4
+
+    cpu_int4.prepare(module)
+
+
+CPU_INT4 = Kernel("cpu_int4", _cpu_int4_ok, _cpu_int4_linear, _cpu_int4_prepare)
+
+# First match wins: the fastest kernel first, the reference (accepts everything) last.
+KERNELS: list[Kernel] = [TRITON, REFERENCE, CPU_INT4]
 
 
 def register(kernel: Kernel, index: int = 0) -> None:
@@ -52,9 +108,12 @@ def register(kernel: Kernel, index: int = 0) -> None:
 
 def select_kernel(spec: LayerSpec, device: torch.device) -> tuple[Kernel, dict[str, str]]:
     """Return the first kernel that can run `spec` on `device`, and the reasons
-    (name -> reason) of the kernels that refused before it."""
+    (name -> reason) of the kernels that refused before it. $LLMZIP_KERNEL=NAME tries
+    that kernel first (e.g. `reference` to rule a fast kernel out when debugging)."""
     refused: dict[str, str] = {}
-    for kernel in KERNELS:
+    forced = os.environ.get("LLMZIP_KERNEL")
+    order = sorted(KERNELS, key=lambda k: k.name != forced) if forced else KERNELS
+    for kernel in order:
         ok, reason = kernel.can_implement(spec, device)
         if ok:
             return kernel, refused

@@ -20,7 +20,12 @@ def __getattr__(name):
         from .checkpoint import load
 
         return load
+    if name in ("QuantizedKVCache", "KVCacheConfig"):
+        from . import kv_cache
+
+        return getattr(kv_cache, name)
     raise AttributeError(name)
 
 
-__all__ = ["ClipSearch", "ConfigError", "QuantConfig", "WeightScheme", "load", "quantize"]
+__all__ = ["ClipSearch", "ConfigError", "KVCacheConfig", "QuantConfig", "QuantizedKVCache", "WeightScheme", "load",
+           "quantize"]

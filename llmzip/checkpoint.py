@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ConfigError, WeightScheme
 from .moe import prepare_experts
-from .quant_linear import QuantLinear
+from .quant_linear import QuantLinear, select_kernels
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
@@ -191,7 +191,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.weight_scale.data = m.weight_scale.data.to(dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    select_kernels(model)  # once, at load: repacking (if the kernel wants it) happens here
+    return model
 
 
 def _to_model_keys(model: nn.Module, state: dict) -> dict:

@@ -90,13 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")
     ppl.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     ppl.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    ppl.add_argument("--kv-cache", default=None, choices=["int8", "int4", "int2", "fp8"],
+                     help="read keys/values back through a quantized KV cache (llmzip/kv_cache.py)")
+    ppl.add_argument("--kv-residual", type=int, default=128,
+                     help="int4/int2: newest tokens kept in full precision (default: 128)")
+    ppl.add_argument("--kv-group", type=int, default=32,
+                     help="int4/int2: tokens per key group / channels per value group (default: 32)")
+    ppl.add_argument("--kv-chunk", type=int, default=16,
+                     help="tokens per forward pass with --kv-cache; 1 = token-by-token decoding (default: 16)")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
-    t = esub.add_parser("tasks", help="built-in offline downstream tasks (protocols in eval/tasks.py)")
+    t = esub.add_parser("tasks", help="downstream tasks: built-in offline ones (eval/tasks.py) or any lm-eval task")
     t.add_argument("model", help="llmzip checkpoint, demo alias, local model dir or hub id")
     t.add_argument("--tasks", default="wiki_cloze,gpqa_diamond",
-                   help="comma-separated: wiki_cloze, gpqa_diamond, gsm8k (default: wiki_cloze,gpqa_diamond)")
+                   help="comma-separated: built-in wiki_cloze, gpqa_diamond, gsm8k, or lm-eval task names "
+                        "(eval extra) (default: wiki_cloze,gpqa_diamond)")
     t.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    t.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (default: 1)")
+    t.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
     t.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     t.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
@@ -111,21 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="quality of checkpoints vs their base model: report + CI verdict (exit 1)",
                        description="Perplexity, KL divergence and top-1 agreement of each MODEL against BASE "
-                                   "on one text; writes report.md/report.json/plots to --report and exits 1 when "
+                                   "on one text, and optionally downstream task scores; writes report.md/report.json/plots to --report and exits 1 when "
                                    "a model breaks a threshold.")
     c.add_argument("base", help="the reference model (demo alias, model dir, hub id)")
     c.add_argument("models", nargs="+", help="checkpoints to compare with it")
-    c.add_argument("--data", default="wiki", help="built-in corpus (wiki), text file, or hub:ID[:CONFIG]:SPLIT:COLUMN")
+    c.add_argument("--ppl", "--data", dest="data", default="wiki",
+                   help="text for perplexity and KLD: built-in corpus (wiki), text file, or hub:ID[:CONFIG]:SPLIT:COLUMN")
     c.add_argument("--ctx", type=int, default=2048, help="tokens per window (default: 2048)")
     c.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     c.add_argument("--max-ppl-increase", default=None, help="fail above this perplexity increase, e.g. 2%% or 0.02")
     c.add_argument("--max-kld", type=float, default=None, help="fail above this mean KL divergence (nats)")
+    c.add_argument("--tasks", default=None, help="also run these tasks (as in `eval tasks`) on base and models")
+    c.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    c.add_argument("--batch-size", type=int, default=1, help="task requests per forward pass (default: 1)")
+    c.add_argument("--include-path", default=None, help="directory of local lm-eval task YAMLs")
+    c.add_argument("--max-acc-drop", type=float, default=None,
+                   help="fail when a task's score drops more than this many points (0-100 scale) below the base")
     c.add_argument("--report", default="llmzip-report", help="report directory (default: ./llmzip-report)")
     c.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: each checkpoint's)")
     c.add_argument("--json", action="store_true", help="print report.json's summary as the last line")
 
     i = sub.add_parser("info", help="size report of a checkpoint")
     i.add_argument("path", help="checkpoint directory")
+    i.add_argument("--kernels", action="store_true",
+                   help="load the checkpoint and show which kernel runs each layer, and why others refused")
+    i.add_argument("--device", default=None, help="device for --kernels (default: cuda if available, else cpu)")
     i.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
 
     d = sub.add_parser("demo", help="quantize the demo model to INT4 and compare its perplexity with bf16")

@@ -50,11 +50,21 @@ def eval_ppl(args) -> int:
     from .eval.perplexity import perplexity, tokenize
 
     text = load_text(args.data)  # fail on bad data before loading a model
+    kv = None
+    if args.kv_cache:
+        from .config import ConfigError
+        from .kv_cache import KVCacheConfig
+
+        try:
+            kv = KVCacheConfig(args.kv_cache, residual=args.kv_residual, group=args.kv_group)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
     ids = tokenize(tok, text)
-    res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows)
+    res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows, kv_cache=kv,
+                     kv_chunk=args.kv_chunk)
     print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
-          f"{res.dtype}, {res.tokens_per_s:.0f} tok/s)")
+          f"{res.dtype}, {res.tokens_per_s:.0f} tok/s" + (f", KV cache {res.kv_cache})" if kv else ")"))
     if args.json:
         out = res.to_dict()
         out.update(model=args.model, data=args.data)
@@ -63,18 +73,16 @@ def eval_ppl(args) -> int:
 
 
 def eval_tasks(args) -> int:
-    from .eval.tasks import TASKS, run_tasks
+    from .eval.tasks import check_tasks, run_tasks
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:  # before loading a model
-        from .data import DataError
-
-        raise DataError(f"unknown task(s) {', '.join(unknown)}: built-in tasks are {', '.join(TASKS)}")
+    check_tasks(names, args.include_path)  # before loading a model
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
-    results = run_tasks(model, tok, names, limit=args.limit)
+    results = run_tasks(model, tok, names, limit=args.limit, batch_size=args.batch_size,
+                        include_path=args.include_path)
     for r in results:
-        print(f"{r.task:<14} {r.metric:<12} {r.value:.4f} +- {r.stderr:.4f}  (n={r.n}, {r.seconds:.1f}s)")
+        speed = f", {r.tokens / r.seconds:.0f} tok/s" if r.tokens and r.seconds else ""
+        print(f"{r.task:<14} {r.metric:<12} {r.value:.4f} +- {r.stderr:.4f}  (n={r.n}, {r.seconds:.1f}s{speed})")
     if args.json:
         print_json({"model": args.model, "results": [r.to_dict() for r in results]})
     return EXIT_OK
@@ -106,14 +114,19 @@ def compare(args) -> int:
         inc = None if args.max_ppl_increase is None else parse_fraction(args.max_ppl_increase)
     except ValueError:
         raise ConfigError(f"--max-ppl-increase {args.max_ppl_increase!r}: use a percentage (2%) or fraction (0.02)")
+    tasks = [n.strip() for n in (args.tasks or "").split(",") if n.strip()]
     report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
-                 Thresholds(max_ppl_increase=inc, max_kld=args.max_kld), dtype=_dtype(args.dtype))
+                 Thresholds(max_ppl_increase=inc, max_kld=args.max_kld, max_acc_drop=args.max_acc_drop),
+                 dtype=_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,
+                 include_path=args.include_path)
     print(format_table(report))
     print(f"report: {Path(args.report) / 'report.md'}" + (f" (+ {', '.join(report['plots'])})" if report["plots"] else ""))
     if args.json:
         print_json({"passed": report["passed"], "report_dir": str(args.report),
                     "rows": [{k: r[k] for k in ("model", "ppl", "ppl_ratio", "mean_kld", "top1_agreement",
-                                                "bits_per_weight", "failures")} for r in report["rows"]]})
+                                                "bits_per_weight", "failures")}
+                             | {"tasks": [{k: x[k] for k in ("task", "metric", "value", "base_value", "drop_points")}
+                                          for x in r["tasks"]]} for r in report["rows"]]})
     if not report["passed"]:
         print("llmzip: quality regression: " + "; ".join(f"{r['model']}: {', '.join(r['failures'])}"
                                                         for r in report["rows"] if r["failures"]), file=sys.stderr)
@@ -122,10 +135,13 @@ def compare(args) -> int:
 
 
 def info(args) -> int:
-    from .info import format_report, size_report
+    from .info import format_kernel_report, format_report, kernel_report, size_report
 
     r = size_report(args.path)
     print(format_report(r))
+    if args.kernels:
+        r["kernels"] = kernel_report(args.path, args.device)
+        print(format_kernel_report(r["kernels"]))
     if args.json:
         print_json(r)
     return EXIT_OK

@@ -64,7 +64,30 @@ def size_report(path: str | Path) -> dict:
         "ratio_to_bf16": round(tensor_bytes / bf16_bytes, 4),
         "method": meta.get("method"),
         "config": meta.get("config"),
+        "kv_cache": kv_cache_report(path),
     }
+
+
+def kv_cache_report(path: Path) -> dict | None:
+    """KV-cache bytes per token (all layers) in bf16 and in each llmzip KV scheme, from
+    config.json's attention shape; None when the config does not say."""
+    from .kv_cache import KV_DTYPES, KVCacheConfig, bytes_per_token
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    cfg = cfg.get("text_config", cfg)
+    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
+    if not layers or not heads or not cfg.get("hidden_size"):
+        return None
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_layer = {"bf16": bytes_per_token(None, kv_heads, head_dim)}
+    per_layer.update({d: bytes_per_token(KVCacheConfig(d, residual=0), kv_heads, head_dim) for d in KV_DTYPES})
+    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+            "bytes_per_token": {k: round(v * layers, 1) for k, v in per_layer.items()},
+            "note": "all layers, K and V; int4/int2: group 32, the residual window of full-precision tokens excluded"}
 
 
 def format_report(r: dict) -> str:
@@ -75,4 +98,35 @@ def format_report(r: dict) -> str:
     if r["bits_per_weight"] is not None:
         lines.append(f"  bits per quantized weight       {r['bits_per_weight']:.3f} (codes + scales + zeros)")
     lines.append(f"  size vs bf16                    {r['ratio_to_bf16']:.3f}x ({r['bf16_bytes'] / 2**20:.2f} MiB in bf16)")
+    kv = r.get("kv_cache")
+    if kv:
+        b = kv["bytes_per_token"]
+        lines.append("  KV cache bytes per token        " + ", ".join(
+            f"{k} {v / 1024:.1f} KiB" + ("" if k == "bf16" else f" ({v / b['bf16']:.3f}x)") for k, v in b.items()))
+    return "\n".join(lines)
+
+
+def kernel_report(path, device=None) -> dict:
+    """Load the checkpoint on `device` and return {"device", "layers": {name: {"kernel",
+    "refused"}}} as chosen by the kernel registry."""
+    import torch
+
+    from .checkpoint import load
+    from .quant_linear import select_kernels
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(path, device=device)
+    return {"device": str(device), "layers": select_kernels(model)}
+
+
+def format_kernel_report(report: dict) -> str:
+    """One line per (kernel, refusals) combination, with its layer count and an example."""
+    groups: dict = {}
+    for name, v in report["layers"].items():
+        key = (v["kernel"], tuple(sorted(v["refused"].items())))
+        groups.setdefault(key, []).append(name)
+    lines = [f"kernels on {report['device']}:"]
+    for (kernel, refused), names in groups.items():
+        lines.append(f"  {kernel}: {len(names)} layers (e.g. {names[0]})")
+        lines += [f"    {k} refused: {reason}" for k, reason in refused]
     return "\n".join(lines)

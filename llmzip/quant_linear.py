@@ -61,6 +61,7 @@ class QuantLinear(nn.Module):
         self._kernel_device = None
         self.refused_kernels: dict[str, str] = {}
         self._dense: dict | None = None  # dtype -> dequantized weight, inside cached_dense_weights
+        self.kernel_cache: dict = {}  # what the selected kernel derives from the tensors (e.g. a repacked layout)
 
     @property
     def bits(self) -> int:
@@ -107,7 +108,19 @@ class QuantLinear(nn.Module):
 
         self._kernel, self.refused_kernels = select_kernel(self.spec(), device)
         self._kernel_device = device
+        self.kernel_cache = {}
+        if self._kernel.prepare is not None and self.weight_packed.device == device:
+            self._kernel.prepare(self)  # e.g. repack into the kernel's layout, once
         return self._kernel
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half(): derived layouts are stale; choose again on the next call.
+        self._kernel, self.kernel_cache = None, {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel, self.kernel_cache = None, {}
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
@@ -141,3 +154,14 @@ def cached_dense_weights(module: nn.Module):
     finally:
         for m in layers:
             m._dense = None
+
+
+def select_kernels(model: nn.Module) -> dict[str, dict]:
+    """Choose (and prepare) the kernel of every QuantLinear on the device it lives on.
+    Returns {layer name: {"kernel": name, "refused": {kernel: reason}}}."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.select_kernel(m.weight_packed.device)
+            out[name] = {"kernel": m.kernel_name, "refused": dict(m.refused_kernels)}
+    return out

@@ -62,3 +62,36 @@ def test_compare_passes_w8_and_fails_w3(smollm2_dir, checkpoints, tmp_path):
 def test_bad_threshold_is_a_usage_error(smollm2_dir, tmp_path):
     out = _compare(smollm2_dir, smollm2_dir, report=tmp_path / "r", extra=["--max-ppl-increase", "lots"])
     assert out.returncode == 2 and "--max-ppl-increase" in out.stderr
+
+
+def test_task_drop_is_measured_in_points_for_higher_is_better_metrics():
+    from llmzip.eval.compare import _with_base
+
+    base = [{"task": "wiki_cloze", "metric": "acc", "value": 0.40},
+            {"task": "lambada", "metric": "perplexity", "value": 10.0}]
+    rows = _with_base([{"task": "wiki_cloze", "metric": "acc", "value": 0.385, "higher_is_better": True},
+                       {"task": "lambada", "metric": "perplexity", "value": 12.0, "higher_is_better": False}], base)
+    assert rows[0]["drop_points"] == pytest.approx(1.5) and rows[0]["base_value"] == 0.40
+    assert rows[1]["drop_points"] is None
+    row = {"ppl_ratio": 1.0, "mean_kld": 0.0, "tasks": rows}
+    assert Thresholds(max_acc_drop=1.0).failures(row) == ["wiki_cloze acc -1.50 points > 1"]
+    assert Thresholds(max_acc_drop=2.0).failures(row) == []
+
+
+def test_compare_with_tasks_reports_and_gates(smollm2_dir, checkpoints, tmp_path):
+    """Tasks run on base and model, land in report.json/md, and --max-acc-drop decides the
+    exit code (a negative limit fails even an unchanged score)."""
+    cmd = [sys.executable, "-m", "llmzip", "compare", str(smollm2_dir), str(checkpoints / "w8"), "--ctx", "256",
+           "--max-windows", "1", "--tasks", "wiki_cloze", "--limit", "8", "--batch-size", "4", "--report",
+           str(tmp_path / "r"), "--json"]
+    ok = subprocess.run(cmd + ["--max-acc-drop", "100"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    (task,) = report["rows"][0]["tasks"]
+    (base,) = report["tasks"]["base"]
+    assert task["task"] == "wiki_cloze" and task["n"] == 8 and base["n"] == 8
+    assert task["drop_points"] == pytest.approx(100 * (base["value"] - task["value"]))
+    assert "| wiki_cloze | acc |" in (tmp_path / "r" / "report.md").read_text()
+    bad = subprocess.run(cmd + ["--max-acc-drop", "-100"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "wiki_cloze acc" in bad.stderr
+    assert "cached wiki_cloze result" in bad.stderr  # both task results were reused

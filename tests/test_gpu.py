@@ -50,3 +50,42 @@ def test_moe_calibration_on_cuda_matches_cpu():
             out[device] = model(_ids()).logits
     assert counts["cuda"] == counts["cpu"]
     assert ((out["cuda"] - out["cpu"]).norm() / out["cpu"].norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("bits,group,symmetric,act_order", [
+    (4, 32, True, None), (4, 64, False, "uniform"), (3, 32, True, "ragged"), (8, None, False, None), (2, 32, True, None)])
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernel_on_cuda_matches_reference(bits, group, symmetric, act_order, M, dtype, monkeypatch):
+    """The CPU interpreter checks of tests/test_kernels.py, compiled for the GPU."""
+    from test_kernels import layer
+
+    from llmzip.kernels import triton_qmm
+    from llmzip.kernels.reference import dense_weight
+
+    monkeypatch.setattr(triton_qmm, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                        device=device, dtype=dtype))
+    m = layer(bits=bits, group=group, symmetric=symmetric, act_order=act_order, k=512, n=200, dtype=dtype).cuda()
+    x = torch.randn(M, 512, device="cuda", dtype=dtype)
+    y = triton_qmm.qmm(x, triton_qmm.repack(m))
+    ref = x.float() @ dense_weight(m, dtype).float().t()
+    tol = 2e-3 if dtype == torch.float16 else 4e-3
+    assert torch.isfinite(y).all() and ((y.float() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_cuda_model_selects_triton_and_matches_reference(monkeypatch):
+    import llmzip
+    from llmzip.quant_linear import QuantLinear
+
+    model, _ = llmzip.quantize(tiny_llama(dtype=torch.float16), QuantConfig(weights=WeightScheme(4, 32)),
+                               progress=False)
+    model = model.cuda()
+    ids = torch.randint(0, 512, (2, 12), device="cuda")
+    with torch.no_grad():
+        out = model(ids).logits.float()
+        kernels = {m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)}
+        monkeypatch.setenv("LLMZIP_KERNEL", "reference")
+        model = model.cpu().cuda()  # moved: kernels are chosen again
+        ref = model(ids).logits.float()
+    assert kernels == {"triton"}
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-3

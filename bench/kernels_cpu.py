@@ -1,0 +1,124 @@
+"""CPU kernels for 4-bit layers: torch's int4 matmul (kernels/cpu_int4.py) and the reference
+(dequantize, then matmul) vs the bf16 dense layer, on this CPU.
+
+Part 1, one Linear: SmolLM2-135M's shapes (K x N) and a 4096 x 4096 one, W4 g64 symmetric,
+random codes and scales, bf16 activations, M rows; median of repeated calls
+(torch.utils.benchmark, which also handles warm-up).
+Part 2, decode: SmolLM2-135M W4 g64 (RTN) generating 64 tokens greedily after a
+32-token prompt, batch 1 and 8, with each kernel, vs the bf16 model.
+
+    .venv/bin/python bench/kernels_cpu.py      # writes bench/results/kernels_cpu.{json,md}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (4096, 4096)]
+MS = [1, 4, 16, 64, 256]
+
+
+def layer(K: int, N: int):
+    from llmzip.config import WeightScheme
+    from llmzip.packing import pack_int32
+    from llmzip.quant_linear import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    m = QuantLinear(K, N, WeightScheme(4, 64, True), dtype=torch.bfloat16)
+    m.weight_packed.copy_(pack_int32(torch.randint(-8, 8, (N, K), dtype=torch.int8, generator=g), 4))
+    m.weight_scale.copy_(torch.rand(N, K // 64, generator=g) * 0.01 + 0.001)
+    return m
+
+
+def median_us(fn) -> float:
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e6
+
+
+def linear_rows() -> list[dict]:
+    from llmzip.kernels import cpu_int4, reference
+
+    rows = []
+    for K, N in SHAPES:
+        m = layer(K, N)
+        w = reference.dense_weight(m, torch.bfloat16)
+        cpu_int4.prepare(m)
+        for M in MS:
+            x = torch.randn(M, K).bfloat16()
+            ref = F.linear(x.float(), w.float())
+            got = cpu_int4.linear(x, m).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            row = {"K": K, "N": N, "M": M,
+                   "bf16_dense_us": median_us(lambda: F.linear(x, w)),
+                   "reference_us": median_us(lambda: reference.linear(x, m)),
+                   "cpu_int4_us": median_us(lambda: cpu_int4.linear(x, m)), "cpu_int4_rel_err": err}
+            rows.append({k: round(v, 2) if isinstance(v, float) and k.endswith("us") else v for k, v in row.items()})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def decode_rows() -> list[dict]:
+    import llmzip
+    from llmzip.config import QuantConfig, WeightScheme
+    from llmzip.models import load_pretrained, resolve
+    from llmzip.quant_linear import QuantLinear
+
+    base, tok = load_pretrained(str(resolve("smollm2-135m")))
+    q, _ = llmzip.quantize(str(resolve("smollm2-135m")), QuantConfig(weights=WeightScheme(4, 64)), progress=False)
+    rows = []
+    for batch in (1, 8):
+        ids = torch.randint(100, 20000, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
+        for label, model, kernel in (("bf16", base, None), ("w4 g64 reference", q, "reference"),
+                                     ("w4 g64 cpu_int4", q, "cpu_int4")):
+            if kernel:
+                os.environ["LLMZIP_KERNEL"] = kernel
+                for m in model.modules():
+                    if isinstance(m, QuantLinear):
+                        m.select_kernel(torch.device("cpu"))
+                assert {m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)} == {kernel}
+            with torch.no_grad():
+                model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+                t0 = time.perf_counter()
+                model.generate(ids, **kw)
+                s = time.perf_counter() - t0
+            rows.append({"model": label, "batch": batch, "seconds": round(s, 3),
+                         "new_tokens_per_s": round(batch * 64 / s, 1)})
+            print(rows[-1], flush=True)
+    os.environ.pop("LLMZIP_KERNEL", None)
+    return rows
+
+
+def main() -> None:
+    linear = linear_rows()
+    decode = decode_rows()
+    result = {"benchmark": "CPU kernels for W4 g64 Linear layers vs bf16 dense", "torch": torch.__version__,
+              "threads": torch.get_num_threads(),
+              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
+              "command": "python bench/kernels_cpu.py " + " ".join(sys.argv[1:]), "linear": linear, "decode": decode}
+    out = Path(__file__).resolve().parent / "results"
+    (out / "kernels_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {result['benchmark']}", "", f"torch {torch.__version__}, {result['threads']} threads, "
+             f"{result['machine']}; `{result['command']}`", "",
+             "| K x N | M | bf16 dense us | reference us | cpu_int4 us | cpu_int4 / bf16 | reference / bf16 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in linear:
+        lines.append(f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_dense_us']} | {r['reference_us']} | "
+                     f"{r['cpu_int4_us']} | {r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | "
+                     f"{r['reference_us'] / r['bf16_dense_us']:.2f} |")
+    lines += ["", "| decode (SmolLM2-135M, 32 + 64 tokens) | batch | s | new tokens/s |", "|---|---:|---:|---:|"]
+    lines += [f"| {d['model']} | {d['batch']} | {d['seconds']} | {d['new_tokens_per_s']} |" for d in decode]
+    (out / "kernels_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Autotuning of the Triton quantized matmul on CUDA, cached on disk.
+
+Key: (device name, M bucket, N, K, group size, bits, zero points?, act-order?, dtype).
+M is bucketed (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, >=1024) so decode steps of any
+batch size reuse a handful of entries. Each candidate runs under
+triton.testing.do_bench; the fastest is kept in memory and in
+$LLMZIP_CACHE/autotune/<device>.json, so a later process starts tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .triton_qmm import Config, Repacked, default_config
+
+log = logging.getLogger("llmzip")
+_LOCK = threading.Lock()
+_MEMO: dict[str, dict] = {}
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def bucket(M: int) -> int:
+    return next((b for b in BUCKETS if M <= b), BUCKETS[-1])
+
+
+def candidates(M: int, K: int) -> list[Config]:
+    """The small search space for one M bucket."""
+    if M <= 16:
+        out = [Config(16, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+               for sk in (1, 2, 4, 8, 16) for w, st in ((4, 3),) if K // sk >= bk]
+        return out
+    if M <= 128:
+        return [Config(bm, bn, bk, 1, w, st) for bm in (32, 64) for bn in (64, 128) for bk in (32, 64, 128)
+                for w, st in ((4, 3), (4, 4))]
+    return [Config(bm, bn, bk, 1, w, st) for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64)
+            for w, st in ((4, 3), (8, 3), (8, 4))]
+
+
+def _cache_file(device: torch.device) -> Path:
+    from llmzip.models import cache_root
+
+    name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    return cache_root() / "autotune" / f"{name}.json"
+
+
+def _table(device: torch.device) -> dict:
+    f = _cache_file(device)
+    key = str(f)
+    if key not in _MEMO:
+        try:
+            _MEMO[key] = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError):
+            _MEMO[key] = {}
+    return _MEMO[key]
+
+
+def tuned_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor) -> Config:
+    from .triton_qmm import qmm
+
+    device = x.device
+    key = "|".join(map(str, (bucket(M), N, K, r.group_size, r.bits, r.zeros is not None, r.perm is not None,
+                             str(x.dtype).removeprefix("torch."))))
+    with _LOCK:
+        table = _table(device)
+        if key in table:
+            return Config(**table[key])
+        import triton.testing
+
+        probe = torch.randn(bucket(M), K, device=device, dtype=x.dtype)
+        best, best_ms = default_config(M, N, K, device), float("inf")
+        for cfg in candidates(M, K):
+            try:
+                ms = triton.testing.do_bench(lambda: qmm(probe, r, cfg), warmup=5, rep=20)
+            except Exception as e:  # a config the GPU cannot run (shared memory, registers)
+                log.debug("autotune: %s failed: %s", cfg, e)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        table[key] = best.__dict__
+        f = _cache_file(device)
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            tmp.replace(f)
+        except OSError as e:
+            log.warning("autotune: could not save %s: %s", f, e)
+        log.info("autotune %s: %s (%.3f ms)", key, best, best_ms)
+        return best

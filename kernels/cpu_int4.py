@@ -1,0 +1,88 @@
+"""CPU kernel for 4-bit weights on torch's own int4 matmul (`_weight_int4pack_mm_for_cpu`).
+
+torch computes x @ W^T with W[n, k] = (u - 8) * scale[g, n] + zero[g, n] straight from
+packed nibbles (u in 0..15, g = k // group), reading 4-bit weights instead of a dense
+copy. Our codes map onto it exactly: u = q + 8 and w = (q - z) * s, so scale = s and
+zero = -z * s (0 when symmetric). torch takes group sizes 32..256; a per-channel scale is
+replicated over 256/128/64/32-column groups, which changes nothing numerically.
+act-order: K is reordered by g_idx as in the Triton kernel (x's columns follow).
+
+Layout built once per layer (`prepare`): torch's packed uint8 weight, a [n_groups, N, 2]
+(scale, zero) table per activation dtype, and the column permutation or None. Rows of
+x beyond `DENSE_FROM` are faster as dequantize + dense matmul (compute-bound), so the
+kernel switches to the reference there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmzip.packing import unpack_int32
+
+from . import reference
+
+GROUPS = (256, 128, 64, 32)
+DENSE_FROM = 64  # rows of x from which dequantize + matmul wins (bench/kernels_cpu.py)
+
+
+def _op_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def can_implement(spec, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, "CPU only"
+    if spec.bits != 4:
+        return False, f"{spec.bits}-bit codes: torch's CPU int4 matmul reads 4-bit codes only"
+    if not _op_available():
+        return False, "this torch has no _weight_int4pack_mm_for_cpu"
+    group = spec.group_size or next((g for g in GROUPS if spec.in_features % g == 0), None)
+    if group not in GROUPS:
+        return False, f"group size {spec.group_size or 'per-channel'}: torch's int4 matmul takes groups of 32..256"
+    if spec.in_features % 2 or spec.out_features % 16:
+        return False, "torch's int4 packing needs even in_features and out_features divisible by 16"
+    return True, "torch int4 matmul on packed nibbles (dequantize + matmul from 64 rows)"
+
+
+def prepare(module) -> None:
+    K, N = module.in_features, module.out_features
+    q = unpack_int32(module.weight_packed, 4, K, dim=1)  # int8 [N, K], -8..7
+    n_groups = module.weight_scale.shape[1]
+    group = K // n_groups
+    perm = None
+    if getattr(module, "weight_g_idx", None) is not None:
+        g = module.weight_g_idx.long()
+        perm = torch.argsort(g, stable=True)
+        if not torch.equal(g[perm], torch.arange(K) // group):  # groups of unequal size
+            module.kernel_cache["cpu_int4"] = None
+            return
+        q = q[:, perm]
+    scale = module.weight_scale.float()  # [N, n_groups]
+    zero = getattr(module, "weight_zero_point", None)
+    z = torch.zeros_like(scale) if zero is None else unpack_int32(zero, 4, N, dim=0).float()
+    if n_groups == 1:  # per-channel: the same scale on every group torch accepts
+        group = next(g for g in GROUPS if K % g == 0)
+        scale, z = scale.expand(N, K // group), z.expand(N, K // group)
+    table = torch.stack([scale.t(), (-z * scale).t()], dim=-1).contiguous()  # [groups, N, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+    module.kernel_cache["cpu_int4"] = {"packed": packed, "group": group, "table": table, "by_dtype": {},
+                                       "perm": perm}
+
+
+def linear(x: torch.Tensor, module) -> torch.Tensor:
+    if "cpu_int4" not in module.kernel_cache:
+        prepare(module)
+    c = module.kernel_cache["cpu_int4"]
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if c is None or x2.shape[0] >= DENSE_FROM:
+        return reference.linear(x, module)
+    if c["perm"] is not None:
+        x2 = x2[:, c["perm"]]
+    table = c["by_dtype"].get(x.dtype)
+    if table is None:
+        table = c["by_dtype"][x.dtype] = c["table"].to(x.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), c["packed"], c["group"], table)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y.reshape(*shape[:-1], module.out_features)

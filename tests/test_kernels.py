@@ -1,0 +1,169 @@
+"""Triton fused dequant-matmul vs the plain-torch reference (CPU: TRITON_INTERPRET=1, set in conftest)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from llmzip.config import WeightScheme
+from llmzip.kernels import triton_qmm
+from llmzip.kernels.reference import dense_weight
+from llmzip.quant_linear import QuantLinear
+
+K, N = 192, 72  # neither is a multiple of the tiles (masking), both divisible by groups 32 and 64
+
+
+def layer(bits=4, group=32, symmetric=True, act_order=None, k=K, n=N, seed=0, dtype=torch.float32):
+    """A QuantLinear with random codes, scales, zero points and (optionally) g_idx.
+    act_order: None, "uniform" (a permutation of equal groups, as GPTQ writes) or "ragged"."""
+    g = torch.Generator().manual_seed(seed)
+    scheme = WeightScheme(bits, group, symmetric)
+    n_groups = 1 if group is None else k // group
+    q = torch.randint(scheme.qmin, scheme.qmax + 1, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, n_groups, generator=g) * 0.02 + 0.005).to(dtype)
+    zero = None if symmetric else torch.randint(scheme.qmin, scheme.qmax + 1, (n, n_groups), generator=g,
+                                                dtype=torch.int8)
+    g_idx = None
+    if act_order == "uniform":
+        g_idx = torch.argsort(torch.randperm(k, generator=g)) // group
+    elif act_order == "ragged":
+        g_idx = torch.randint(0, n_groups, (k,), generator=g)
+    lin = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+    return QuantLinear.from_quantized(lin, q, scale, zero, scheme, g_idx)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN, so an element the kernel forgets to write fails the test."""
+    monkeypatch.setattr(triton_qmm, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                        device=device, dtype=dtype))
+
+
+def rel_err(module, M, dtype=torch.float32, config=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, module.in_features, generator=g).to(dtype)
+    y = triton_qmm.qmm(x, triton_qmm.repack(module), config)
+    ref = x.float() @ dense_weight(module, dtype).float().t()  # fp32 accumulation of the same inputs
+    assert y.dtype == dtype and y.shape == (M, module.out_features)
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+FP32_TOL = 1e-3
+BF16_TOL = 4e-3  # the output itself is rounded to bf16 (2^-9 relative)
+
+
+def _unpack_kernel_layout(r):
+    S = triton_qmm.slot_bits(r.bits)
+    P = 32 // S
+    words = r.qweight.to(torch.int64) & 0xFFFFFFFF
+    u = torch.stack([(words >> (i * S)) & ((1 << S) - 1) for i in range(P)], 1).reshape(-1, r.out_features)
+    return (u[:r.in_features] - (1 << (r.bits - 1))).t()  # [N, K] signed, in the kernel's K order
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_repack_round_trips_codes(bits):
+    from llmzip.packing import unpack_int32
+
+    m = layer(bits=bits, act_order="uniform")
+    r = triton_qmm.repack(m)
+    q = unpack_int32(m.weight_packed, bits, K, dim=1)
+    assert torch.equal(_unpack_kernel_layout(r), q[:, r.perm].long())
+    assert r.g_idx is None  # uniform groups: contiguous after sorting, no per-column group lookup
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bits_and_zero_points(bits, symmetric):
+    assert rel_err(layer(bits=bits, symmetric=symmetric), M=3) < FP32_TOL
+
+
+@pytest.mark.parametrize("group", [32, 64, None])
+@pytest.mark.parametrize("M", [1, 3, 16, 33])
+def test_group_sizes_and_rows(group, M):
+    assert rel_err(layer(group=group, symmetric=False, seed=M), M=M) < FP32_TOL
+
+
+@pytest.mark.parametrize("act_order", ["uniform", "ragged"])
+@pytest.mark.parametrize("M", [1, 33])
+def test_act_order(act_order, M):
+    m = layer(act_order=act_order, symmetric=False)
+    assert (triton_qmm.repack(m).g_idx is not None) == (act_order == "ragged")
+    assert rel_err(m, M=M) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+@pytest.mark.parametrize("M", [3, 33])
+def test_half_activations(dtype, tol, M):
+    assert rel_err(layer(dtype=dtype), M=M, dtype=dtype) < tol
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_split_k_partial_sums(split):
+    """K slices that end mid-tile and a last slice shorter than the others."""
+    cfg = triton_qmm.Config(16, 32, 32, split)
+    assert rel_err(layer(symmetric=False), M=5, config=cfg) < FP32_TOL
+
+
+def test_registry_runs_a_tiny_model_through_triton(monkeypatch):
+    """With LLMZIP_KERNEL=triton (interpreter on CPU), every QuantLinear picks the Triton
+    kernel and the logits match the reference kernel's."""
+    import llmzip
+    from llmzip.config import QuantConfig
+
+    model = tiny_llama(dtype=torch.float32)
+    qmodel, _ = llmzip.quantize(model, QuantConfig(weights=WeightScheme(4, 32, symmetric=False)), progress=False)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = qmodel(ids).logits
+        monkeypatch.setenv("LLMZIP_KERNEL", "triton")
+        for m in qmodel.modules():
+            if isinstance(m, QuantLinear):
+                m.select_kernel(torch.device("cpu"))
+        kernels = {m.kernel_name for m in qmodel.modules() if isinstance(m, QuantLinear)}
+        out = qmodel(ids).logits
+    assert kernels == {"triton"}
+    assert ((out - ref).norm() / ref.norm()).item() < FP32_TOL
+
+
+def test_info_kernels_shows_choice_and_refusals(tmp_path):
+    import llmzip
+    from llmzip.config import QuantConfig
+
+    llmzip.quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 32)), output_dir=tmp_path / "q",
+                    progress=False)
+    out = subprocess.run([sys.executable, "-m", "llmzip", "info", str(tmp_path / "q"), "--kernels", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    layers = json.loads(out.stdout.strip().splitlines()[-1])["kernels"]["layers"]
+    assert len(layers) == 14 and {v["kernel"] for v in layers.values()} == {"reference"}
+    assert all("CUDA" in v["refused"]["triton"] for v in layers.values())
+    assert "triton refused: Triton runs on CUDA" in out.stdout
+
+
+@pytest.mark.parametrize("group,symmetric,act_order", [(64, True, None), (32, False, None), (None, False, None),
+                                                       (64, True, "uniform"), (64, True, "ragged")])
+@pytest.mark.parametrize("M", [1, 3, 80])
+def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
+    """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; ragged act-order
+    groups and M >= 64 take the reference path inside the kernel."""
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=group, symmetric=symmetric, act_order=act_order, n=80, dtype=torch.bfloat16)
+    ok, why = cpu_int4.can_implement(m.spec(), torch.device("cpu"))
+    assert ok, why
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
+    y = cpu_int4.linear(x, m)
+    ref = x.float() @ dense_weight(m, torch.bfloat16).float().t()
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < BF16_TOL
+    assert (m.kernel_cache["cpu_int4"] is None) == (act_order == "ragged")
+
+
+def test_cpu_int4_refuses_what_it_cannot_run():
+    from llmzip.kernels import cpu_int4
+
+    assert not cpu_int4.can_implement(layer(bits=3, n=80).spec(), torch.device("cpu"))[0]
+    assert "divisible by 16" in cpu_int4.can_implement(layer(n=72).spec(), torch.device("cpu"))[1]
+    assert "CPU only" in cpu_int4.can_implement(layer().spec(), torch.device("cuda"))[1]
