@@ -51,9 +51,8 @@ def prepare(module) -> None:
     group = K // n_groups
     perm = None
     if getattr(module, "weight_g_idx", None) is not None:
-        g = module.weight_g_idx.long()
-        perm = torch.argsort(g, stable=True)
-        if not torch.equal(g[perm], torch.arange(K) // group):  # groups of unequal size
+        perm, ragged = reference.act_order_permutation(module.weight_g_idx, group)
+        if ragged is not None:  # groups of unequal size: the reference kernel runs it
             module.kernel_cache["cpu_int4"] = None
             return
         q = q[:, perm]

@@ -55,3 +55,15 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
 def linear(x: torch.Tensor, module) -> torch.Tensor:
     """y = x @ W^T + b with W dequantized from `module`'s packed tensors."""
     return F.linear(x, dense_weight(module, x.dtype), module.bias)
+
+
+def act_order_permutation(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Column order that makes act-order groups adjacent: (perm, ragged). perm [in] is a
+    stable argsort of g_idx; ragged is the sorted g_idx (int32) when the groups are not
+    all `group_size` wide after sorting (so k // group_size would be wrong), else None."""
+    g = g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    sorted_g = g[perm]
+    if torch.equal(sorted_g, torch.arange(g.numel(), device=g.device) // group_size):
+        return perm, None
+    return perm, sorted_g.to(torch.int32).contiguous()

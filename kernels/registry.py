@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import cpu_int4, reference
 
 
 @dataclass(frozen=True)
@@ -77,25 +77,8 @@ def _triton_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 TRITON = Kernel("triton", _triton_ok, _triton_linear, _triton_prepare)
 
-def _cpu_int4_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
-    from . import cpu_int4
 
-    return cpu_int4.can_implement(spec, device)
-
-
-def _cpu_int4_linear(x: torch.Tensor, module) -> torch.Tensor:
-    from . import cpu_int4
-
-    return cpu_int4.linear(x, module)
-
-
-def _cpu_int4_prepare(module) -> None:
-    from . import cpu_int4
-
-    cpu_int4.prepare(module)
-
-
-CPU_INT4 = Kernel("cpu_int4", _cpu_int4_ok, _cpu_int4_linear, _cpu_int4_prepare)
+CPU_INT4 = Kernel("cpu_int4", cpu_int4.can_implement, cpu_int4.linear, cpu_int4.prepare)
 
 # First match wins: the fastest kernel first, the reference (accepts everything) last.
 KERNELS: list[Kernel] = [TRITON, REFERENCE, CPU_INT4]

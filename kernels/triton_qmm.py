@@ -30,6 +30,8 @@ import torch
 
 from llmzip.packing import unpack_int32
 
+from .reference import act_order_permutation
+
 try:  # optional: the kernel registry refuses this kernel without it
     import triton
     import triton.language as tl
@@ -70,12 +72,8 @@ def repack(module) -> Repacked:
         z = unpack_int32(zero, bits, N, dim=0)  # int8 [N, n_groups]
         zeros = (z.to(torch.int16) + offset).to(torch.uint8).t().contiguous()
     if getattr(module, "weight_g_idx", None) is not None:
-        g = module.weight_g_idx.long()
-        perm = torch.argsort(g, stable=True)
+        perm, g_idx = act_order_permutation(module.weight_g_idx, group)
         q = q[:, perm]
-        sorted_g = g[perm]
-        if not torch.equal(sorted_g, torch.arange(K, device=g.device) // group):
-            g_idx = sorted_g.to(torch.int32).contiguous()
     S = slot_bits(bits)
     P = 32 // S
     words = -(-K // P)

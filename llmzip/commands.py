@@ -12,6 +12,11 @@ from .models import check_same_tokenizer, load_for_eval
 log = logging.getLogger("llmzip")
 
 
+def _names(text: str | None) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
 def quantize(args) -> int:
     from .api import quantize as run
     from .calibration import CalibConfig
@@ -75,7 +80,7 @@ def eval_ppl(args) -> int:
 def eval_tasks(args) -> int:
     from .eval.tasks import check_tasks, run_tasks
 
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    names = _names(args.tasks)
     check_tasks(names, args.include_path)  # before loading a model
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
     results = run_tasks(model, tok, names, limit=args.limit, batch_size=args.batch_size,
@@ -114,7 +119,7 @@ def compare(args) -> int:
         inc = None if args.max_ppl_increase is None else parse_fraction(args.max_ppl_increase)
     except ValueError:
         raise ConfigError(f"--max-ppl-increase {args.max_ppl_increase!r}: use a percentage (2%) or fraction (0.02)")
-    tasks = [n.strip() for n in (args.tasks or "").split(",") if n.strip()]
+    tasks = _names(args.tasks)
     report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
                  Thresholds(max_ppl_increase=inc, max_kld=args.max_kld, max_acc_drop=args.max_acc_drop),
                  dtype=_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,

@@ -112,11 +112,11 @@ def kernel_report(path, device=None) -> dict:
     import torch
 
     from .checkpoint import load
-    from .quant_linear import select_kernels
+    from .quant_linear import kernel_choices
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load(path, device=device)
-    return {"device": str(device), "layers": select_kernels(model)}
+    model = load(path, device=device)  # chooses (and prepares) each layer's kernel
+    return {"device": str(device), "layers": kernel_choices(model)}
 
 
 def format_kernel_report(report: dict) -> str:

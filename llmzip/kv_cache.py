@@ -265,7 +265,6 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, cfg: KVCacheConfig, num_layers: int | None = None, scales: list | None = None):
         self.cfg = cfg
-        self._scales = scales
         if scales is not None:
             layers = [QuantizedKVLayer(cfg, k, v) for k, v in scales]
             super().__init__(layers=layers)

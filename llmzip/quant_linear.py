@@ -159,9 +159,13 @@ def cached_dense_weights(module: nn.Module):
 def select_kernels(model: nn.Module) -> dict[str, dict]:
     """Choose (and prepare) the kernel of every QuantLinear on the device it lives on.
     Returns {layer name: {"kernel": name, "refused": {kernel: reason}}}."""
-    out = {}
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, QuantLinear):
             m.select_kernel(m.weight_packed.device)
-            out[name] = {"kernel": m.kernel_name, "refused": dict(m.refused_kernels)}
-    return out
+    return kernel_choices(model)
+
+
+def kernel_choices(model: nn.Module) -> dict[str, dict]:
+    """{layer name: {"kernel": name or None, "refused": {kernel: reason}}} as chosen so far."""
+    return {name: {"kernel": m.kernel_name, "refused": dict(m.refused_kernels)}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
