@@ -181,6 +181,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         )
         set_module(model, name, ql)
     state = _to_model_keys(model, _read_safetensors(path))
+    # assign=True takes the tensors as they are: cast floats (norms, embeddings, scales) first.
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -188,9 +190,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise CheckpointError(
             f"{path}: tensors missing {still_meta[:5]} / unexpected {result.unexpected_keys[:5]}"
         )
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.weight_scale.data = m.weight_scale.data.to(dtype)
     model = model.to(device).eval()
     select_kernels(model)  # once, at load: repacking (if the kernel wants it) happens here
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -148,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the checkpoint and show which kernel runs each layer, and why others refused")
     i.add_argument("--device", default=None, help="device for --kernels (default: cuda if available, else cpu)")
     i.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a (compressed) model",
+                       description="Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models, "
+                                   "/health and /metrics with continuous batching over a paged KV cache.")
+    s.add_argument("model_dir", help="llmzip checkpoint, local model dir, demo alias or hub id")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", default=os.environ.get("LLMZIP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLMZIP_API_KEY, else none)")
+    s.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch (default: 16)")
+    s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence (default: 2048)")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV pool storage: model dtype, int8 per token, or fp8 with calibrated scales (default: auto)")
+    s.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool capacity in tokens (default: max-num-seqs x max-model-len)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    s.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--engine", default="llmzip", choices=["llmzip", "vllm"],
+                   help="llmzip's engine, or vLLM's OpenAI server on the same checkpoint (optional extra)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard over")
 
     d = sub.add_parser("demo", help="quantize the demo model to INT4 and compare its perplexity with bf16")
     d.add_argument("-o", "--output", default="llmzip-demo", help="where to write checkpoints (default: ./llmzip-demo)")

@@ -182,3 +182,17 @@ def demo(args) -> int:
     if args.json:
         print_json({"rows": rows, "bits_per_weight": size_report(out)["bits_per_weight"]})
     return EXIT_OK
+
+
+def serve(args) -> int:
+    from .config import ConfigError
+    from .serve.server import serve as run_server
+
+    args.dtype = _dtype(args.dtype)
+    for name in ("max_num_seqs", "max_model_len", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        return run_server(args)
+    except (ValueError, ImportError) as e:  # bad options, or an optional extra not installed
+        raise ConfigError(str(e)) from e

@@ -1,1 +1,1 @@
-"""Serving compressed models over HTTP (OpenAI-compatible); see the project issues."""
+"""Serving compressed models over HTTP (OpenAI-compatible): `llmzip serve`."""

@@ -1,0 +1,312 @@
+"""The serving engine: continuous batching over a paged KV pool.
+
+Every step of the loop:
+1. takes in new requests and cancellations (from any thread);
+2. admits waiting sequences while fewer than `max_num_seqs` run and the pool has the
+   pages for prompt + max_tokens (reserved up front, so a running sequence never waits
+   for memory and nothing is ever preempted);
+3. runs one prefill chunk (at most `prefill_chunk` prompt tokens of the oldest
+   sequence still prefilling), then one decode step for every sequence that is decoding.
+So requests join and leave the running batch at every step, and a long prompt is
+prefilled in pieces between decode steps instead of stalling them.
+
+Each forward pass is the model's own (`model(input_ids, position_ids, attention_mask,
+cache)`), with a 4-D mask that lets each row see exactly its own positions, and a
+`StepCache` that writes new K/V into the pool and reads the rows' pages back. The
+quantized Linears inside run whatever kernel `llmzip.checkpoint.load` chose.
+Greedy decoding takes the argmax of fp32 logits, like `model.generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .kv_pool import KVPool, StepCache
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger("llmzip.serve")
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full: the caller should answer 503 and the client retry."""
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Event:
+    """What one step produced for one sequence (delivered through its `emit`)."""
+
+    text: str  # new text (held back while it could still turn into a stop string)
+    tokens: list[int]
+    logprobs: list  # per new token: (logprob, [(token, logprob), ...]) when asked for
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    out: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    pos: int = 0  # tokens already in the KV pool
+    sent: int = 0  # characters of text already emitted
+    finished: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+    pending_lp: list = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8
+    max_model_len: int = 2048
+    kv_cache_tokens: int | None = None  # pool capacity; None: max_num_seqs * max_model_len
+    kv_dtype: str = "auto"
+    page: int = 16
+    prefill_chunk: int = 512
+    max_queue: int = 256
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), kv_scales: list | None = None):
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = getattr(mc, "max_position_embeddings", None)
+        if limit and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit} positions")
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        tokens = config.kv_cache_tokens or config.max_num_seqs * config.max_model_len
+        param = next(model.parameters())
+        self.device = param.device
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.dtype = dtype
+        self.pool = KVPool(mc.num_hidden_layers, -(-tokens // config.page) + 1, kv_heads, head_dim, dtype,
+                           self.device, config.page, config.kv_dtype, kv_scales)
+        self.eos = _eos_ids(model, tokenizer)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._incoming: deque[Sequence] = deque()
+        self._aborts: set[int] = set()
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "failed": 0,
+                      "steps": 0}
+        self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # -- any thread --------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> int:
+        """Queue a request; `emit` is called from the engine thread with each Event."""
+        if not prompt:
+            raise PromptTooLong("the prompt is empty")
+        need = len(prompt) + params.max_tokens
+        if len(prompt) >= self.config.max_model_len:
+            raise PromptTooLong(f"the prompt has {len(prompt)} tokens; this server's context is "
+                                f"{self.config.max_model_len} tokens (--max-model-len)")
+        if min(need, self.config.max_model_len) > self.pool.capacity_tokens:
+            raise PromptTooLong(f"prompt + max_tokens need {need} tokens of KV cache; the pool holds "
+                                f"{self.pool.capacity_tokens}")
+        seq = Sequence(next(self._ids), list(prompt), params, emit)
+        seq.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                      else int(torch.randint(2**62, (1,)).item()))
+        with self._lock:
+            if len(self._incoming) + len(self.waiting) >= self.config.max_queue:
+                raise EngineFull(f"{self.config.max_queue} requests are already waiting")
+            self._incoming.append(seq)
+            self._lock.notify()
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        with self._lock:
+            self._aborts.add(seq_id)
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="llmzip-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread:
+            self._thread.join()
+
+    def load(self) -> dict:
+        """Queue depth, running sequences and pool use (for /metrics)."""
+        with self._lock:
+            waiting = len(self._incoming) + len(self.waiting)
+        used = self.pool.num_pages - 1 - len(self.pool.free)
+        return {"waiting": waiting, "running": len(self.prefilling) + len(self.decoding),
+                "kv_pages_used": used, "kv_pages_total": self.pool.num_pages - 1}
+
+    # -- engine thread -----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._incoming or self._aborts or self.waiting
+                                              or self.prefilling or self.decoding):
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # a failed step must not hang its clients
+                log.exception("engine step failed; failing the running requests")
+                for seq in list(self.prefilling) + list(self.decoding):
+                    self._finish(seq, "error")
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One iteration (see the module docstring); returns whether any work was done."""
+        with self._lock:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            aborts, self._aborts = self._aborts, set()
+        for seq in [s for s in itertools.chain(self.waiting, self.prefilling, self.decoding) if s.id in aborts]:
+            self._finish(seq, "abort")
+        self._admit()
+        worked = bool(self.prefilling or self.decoding)
+        if self.prefilling:
+            self._prefill(self.prefilling[0])
+        if self.decoding:
+            self._decode()
+        self.stats["steps"] += worked
+        return worked
+
+    def run_until_done(self) -> None:
+        """Step in the calling thread until every submitted request has finished."""
+        while self.step() or self._incoming or self.waiting:
+            pass
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.prefilling) + len(self.decoding) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self.pool.pages_for(min(len(seq.prompt) + seq.params.max_tokens, self.config.max_model_len))
+            if n > len(self.pool.free):
+                break  # first come, first served: later requests wait too
+            self.waiting.popleft()
+            seq.pages = self.pool.allocate(n)
+            self.prefilling.append(seq)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q]."""
+        page = self.pool.page
+        n = max(self.pool.pages_for(int(p[-1]) + 1) for p in positions)
+        table = torch.zeros(len(seqs), n, dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            have = seq.pages[:n]
+            table[r, :len(have)] = torch.tensor(have)
+        pages = table.gather(1, positions // page)
+        keys = torch.arange(n * page)
+        mask = torch.zeros(positions.shape[0], 1, positions.shape[1], n * page, dtype=self.dtype)
+        mask.masked_fill_(keys[None, None, None, :] > positions[:, None, :, None], torch.finfo(self.dtype).min)
+        dev = self.device
+        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev))
+        out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask.to(dev),
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1, :]
+
+    def _prefill(self, seq: Sequence) -> None:
+        chunk = seq.prompt[seq.pos:seq.pos + self.config.prefill_chunk]
+        positions = torch.arange(seq.pos, seq.pos + len(chunk))[None]
+        logits = self._forward(torch.tensor([chunk]), positions, [seq])
+        seq.pos += len(chunk)
+        self.stats["prompt_tokens"] += len(chunk)
+        if seq.pos == len(seq.prompt):
+            self.prefilling.remove(seq)
+            self.decoding.append(seq)
+            self._sampled(logits, [seq])
+
+    def _decode(self) -> None:
+        seqs = [s for s in self.decoding if s.out and s.pos < len(s.prompt) + len(s.out)]
+        if not seqs:
+            return
+        ids = torch.tensor([[s.out[-1]] for s in seqs])
+        positions = torch.tensor([[s.pos] for s in seqs])
+        logits = self._forward(ids, positions, seqs)
+        for s in seqs:
+            s.pos += 1
+        self._sampled(logits, seqs)
+
+    def _sampled(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        res = sample(logits, [s.params for s in seqs], [s.out for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        for seq, tok, lp in zip(seqs, res.tokens, res.logprobs):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                self.ttft.append(now - seq.arrived)
+            seq.out.append(tok)
+            self.stats["generation_tokens"] += 1
+            if lp is not None:
+                seq.pending_lp.append(lp)
+            self._advance(seq, tok)
+
+    def _advance(self, seq: Sequence, tok: int) -> None:
+        """Emit the text the new token settles, and finish the sequence when it is done."""
+        p = seq.params
+        if tok in self.eos and not p.ignore_eos:
+            return self._finish(seq, "stop", text_ids=seq.out[:-1])
+        text = self.tokenizer.decode(seq.out, skip_special_tokens=True)
+        for stop_at in sorted(i for i in (text.find(s, max(0, seq.sent - len(s))) for s in p.stop) if i >= 0)[:1]:
+            return self._finish(seq, "stop", text=text[:stop_at])
+        if len(seq.out) >= p.max_tokens or seq.pos + 1 >= self.config.max_model_len:
+            return self._finish(seq, "length", text=text)
+        hold = max((len(s) for s in p.stop), default=1) - 1
+        safe = len(text.rstrip("\ufffd")) - hold  # an incomplete character, or a stop string's start
+        delta = text[seq.sent:safe] if safe > seq.sent else ""
+        seq.sent += len(delta)
+        self._emit(seq, delta)  # one event per token, text or not, so token counts and logprobs stream
+
+    def _emit(self, seq: Sequence, text: str, finish: str | None = None) -> None:
+        lps, seq.pending_lp = seq.pending_lp, []
+        new = [seq.out[-1]] if seq.out and finish not in ("abort", "error") else []
+        seq.emit(Event(text, new, lps, finish, len(seq.prompt), len(seq.out)))
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None, text_ids=None) -> None:
+        """reason: stop | length (done), abort (cancelled by the client), error (the step failed)."""
+        if seq.finished:
+            return
+        seq.finished = True
+        if text is None:
+            text = self.tokenizer.decode(text_ids if text_ids is not None else seq.out, skip_special_tokens=True)
+        for group in (self.prefilling, self.decoding):
+            if seq in group:
+                group.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
+        self.stats[{"abort": "aborted", "error": "failed"}.get(reason, "finished")] += 1
+        self._emit(seq, text[seq.sent:] if reason in ("stop", "length") else "", reason)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if e is not None:
+            ids.update(e if isinstance(e, (list, tuple)) else [e])
+    return ids

@@ -1,0 +1,138 @@
+"""Paged K/V storage for the serving engine, and the transformers `Cache` that reads it.
+
+The pool holds, per decoder layer, K and V in pages of `page` tokens:
+`[num_pages, kv_heads, page, head_dim]`. Each running sequence owns a list of pages
+(its block table); page 0 is never handed out and stays zero, so padding a batch's
+block tables with it reads zeros, never stale values. Capacity is fixed at start-up.
+
+`kv_dtype`:
+- "auto": the model dtype;
+- "int8": one int8 code per element with an fp16 (scale, min) per token and head over
+  head_dim (llmzip.kv_cache's INT8 scheme), dequantized when a step reads its pages;
+- "fp8": float8 e4m3 with one scale per layer for K and one for V: the calibrated scales
+  of the checkpoint (`llmzip quantize --kv-cache fp8`) when present, otherwise set from
+  the first prompt's K/V of each layer.
+
+One engine step calls the model once with a `StepCache` that knows, for each row of the
+batch, its block table and the positions the new tokens take. Attention then sees, per
+row, K/V of length `kv_len` (whole pages); positions a row has not written are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from llmzip.kv_cache import FP8, PARAM_DTYPE, dequantize_asym, dequantize_fp8, fp8_scale, quantize_asym, quantize_fp8
+
+KV_POOL_DTYPES = ("auto", "int8", "fp8")
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device, page: int = 16, kv_dtype: str = "auto", scales: list | None = None):
+        if kv_dtype not in KV_POOL_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {kv_dtype!r}: choose one of {', '.join(KV_POOL_DTYPES)}")
+        if num_pages < 2:
+            raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved)")
+        self.num_layers, self.num_pages, self.page = num_layers, num_pages, page
+        self.kv_heads, self.head_dim, self.dtype, self.kv_dtype = kv_heads, head_dim, dtype, kv_dtype
+        shape = (num_pages, kv_heads, page, head_dim)
+        store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}[kv_dtype]
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        if kv_dtype == "int8":  # (scale, min) per token and head
+            pshape = (num_pages, kv_heads, page, 1)
+            self.kp = [_params(pshape, device) for _ in range(num_layers)]
+            self.vp = [_params(pshape, device) for _ in range(num_layers)]
+        self.fp8_scales = [None] * num_layers if scales is None else [
+            (torch.tensor(float(k), device=device), torch.tensor(float(v), device=device)) for k, v in scales]
+        self.free = list(range(num_pages - 1, 0, -1))  # page 0 reserved
+
+    # -- accounting ------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.num_pages - 1) * self.page
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page)
+
+    def bytes_per_token(self) -> float:
+        """Bytes one token takes in the pool over all layers (K and V, with scales)."""
+        elem = {"auto": torch.tensor([], dtype=self.dtype).element_size(), "int8": 1, "fp8": 1}[self.kv_dtype]
+        per_layer = 2 * self.kv_heads * self.head_dim * elem
+        if self.kv_dtype == "int8":
+            per_layer += 2 * self.kv_heads * 2 * 2  # fp16 scale + min per token and head, K and V
+        return float(per_layer * self.num_layers)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"KV pool exhausted: {n} pages asked, {len(self.free)} free")
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, pages: list[int]) -> None:
+        self.free.extend(reversed(pages))
+
+    # -- reading and writing ---------------------------------------------------
+    def write(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store N tokens: pages, offsets [N] long; k, v [N, kv_heads, head_dim]."""
+        if self.kv_dtype == "auto":
+            self.k[layer][pages, :, offsets] = k.to(self.dtype)
+            self.v[layer][pages, :, offsets] = v.to(self.dtype)
+        elif self.kv_dtype == "int8":
+            for store, params, x in ((self.k, self.kp, k), (self.v, self.vp, v)):
+                q, scale, lo = quantize_asym(x, 8, -1, PARAM_DTYPE)
+                store[layer][pages, :, offsets] = q.to(torch.uint8)
+                params[layer][0][pages, :, offsets] = scale
+                params[layer][1][pages, :, offsets] = lo
+        else:
+            if self.fp8_scales[layer] is None:
+                self.fp8_scales[layer] = (fp8_scale(k), fp8_scale(v))
+            ks, vs = self.fp8_scales[layer]
+            self.k[layer][pages, :, offsets] = quantize_fp8(k, ks)["q"]
+            self.v[layer][pages, :, offsets] = quantize_fp8(v, vs)["q"]
+
+    def read(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [rows, kv_heads, pages*page, head_dim] for block tables `table` [rows, pages]."""
+        return self._gather(layer, table, self.k, getattr(self, "kp", None), 0), \
+            self._gather(layer, table, self.v, getattr(self, "vp", None), 1)
+
+    def _gather(self, layer, table, store, params, which):
+        rows, n = table.shape
+        x = store[layer][table]  # [rows, n, H, page, D]
+        if self.kv_dtype == "int8":
+            scale, lo = params[layer][0][table], params[layer][1][table]
+            x = dequantize_asym(x, scale, lo, self.dtype)
+        elif self.kv_dtype == "fp8":
+            x = dequantize_fp8({"q": x}, self.fp8_scales[layer][which], self.dtype)
+        return x.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, n * self.page, self.head_dim)
+
+
+def _params(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(shape, dtype=PARAM_DTYPE, device=device), torch.zeros(shape, dtype=PARAM_DTYPE, device=device)
+
+
+class StepCache(Cache):
+    """The cache seen by one forward pass of the engine.
+
+    table: [rows, pages] block tables (padded with page 0); pages, offsets: [rows, q]
+    where each new token of each row goes. Every layer writes its new K/V there and
+    reads back its rows' pages."""
+
+    def __init__(self, pool: KVPool, table: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor):
+        super().__init__(layers=[])
+        self.pool, self.table, self.pages, self.offsets = pool, table, pages, offsets
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # key_states: [rows, H, q, D] -> one entry per (row, token)
+        k = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1:2], key_states.shape[-1])
+        v = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1:2], value_states.shape[-1])
+        self.pool.write(layer_idx, self.pages.reshape(-1), self.offsets.reshape(-1), k, v)
+        return self.pool.read(layer_idx, self.table)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.table.shape[1] * self.pool.page
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

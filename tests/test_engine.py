@@ -1,0 +1,159 @@
+"""Serving engine units on a tiny random Llama: continuous batching, chunked prefill,
+the paged KV pool, cancellation, backpressure and batched sampling."""
+
+import argparse
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from llmzip import QuantConfig, WeightScheme, load, quantize
+from llmzip.serve.engine import Engine, EngineConfig, EngineFull, PromptTooLong
+from llmzip.serve.kv_pool import KVPool
+from llmzip.serve.sampling import SamplingParams, sample
+
+
+class Tok:
+    """Enough of a tokenizer for the engine: ids -> text, no EOS."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def model_without_eos():
+    m = tiny_llama(dtype=torch.float32)
+    m.config.eos_token_id = m.generation_config.eos_token_id = None
+    return m
+
+
+def greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def collect(engine, prompt, params):
+    events = []
+    engine.submit(prompt, params, events.append)
+    return events
+
+
+def test_continuous_batching_with_chunked_prefill_equals_generate():
+    torch.manual_seed(1)
+    model = model_without_eos()
+    # 7 requests, at most 3 at once, prompts prefilled 5 tokens per step, 4-token pages:
+    # sequences join and leave the batch while others decode, and span many pages.
+    eng = Engine(model, Tok(), EngineConfig(max_num_seqs=3, max_model_len=128, page=4, prefill_chunk=5))
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 17, 9, 1, 30, 12, 6)]
+    lengths = [11, 4, 20, 7, 9, 15, 2]
+    runs = [collect(eng, p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+    eng.run_until_done()
+    for p, n, events in zip(prompts, lengths, runs):
+        assert [t for e in events for t in e.tokens] == greedy(model, p, n)
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == n
+        assert "".join(e.text for e in events) == Tok().decode(greedy(model, p, n))
+    assert len(eng.pool.free) == eng.pool.num_pages - 1  # every page back
+    assert eng.stats["prompt_tokens"] == sum(map(len, prompts))
+
+
+def test_abort_frees_pages_and_reports():
+    eng = Engine(model_without_eos(), Tok(), EngineConfig(max_num_seqs=2, max_model_len=64, page=4))
+    events = []
+    sid = eng.submit([1, 2, 3], SamplingParams(max_tokens=50, temperature=0), events.append)
+    eng.step()
+    eng.step()
+    assert eng.load()["kv_pages_used"] == eng.pool.pages_for(53)
+    eng.abort(sid)
+    eng.step()
+    assert events[-1].finish_reason == "abort" and eng.load()["kv_pages_used"] == 0
+    assert eng.stats["aborted"] == 1
+
+
+def test_backpressure_and_limits():
+    eng = Engine(model_without_eos(), Tok(), EngineConfig(max_num_seqs=1, max_model_len=32, max_queue=2))
+    p = SamplingParams(max_tokens=4)
+    eng.submit([1], p, lambda e: None)
+    eng.submit([1], p, lambda e: None)
+    with pytest.raises(EngineFull):
+        eng.submit([1], p, lambda e: None)
+    with pytest.raises(PromptTooLong, match="context is 32 tokens"):
+        eng.submit(list(range(40)), p, lambda e: None)
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        Engine(model_without_eos(), Tok(), EngineConfig(max_model_len=1024))
+
+
+@pytest.mark.parametrize("kv_dtype, floor_db", [("int8", 38.0), ("fp8", 25.0)])
+def test_quantized_pool_round_trip(kv_dtype, floor_db):
+    torch.manual_seed(0)
+    pool = KVPool(1, 8, 2, 64, torch.float32, "cpu", page=4, kv_dtype=kv_dtype)
+    pages = pool.allocate(3)
+    k, v = torch.randn(12, 2, 64), torch.randn(12, 2, 64) * 3
+    slots = torch.tensor(pages).repeat_interleave(4)
+    pool.write(0, slots, torch.arange(12) % 4, k, v)
+    rk, rv = pool.read(0, torch.tensor([pages]))
+    for x, r in ((k, rk), (v, rv)):
+        r = r[0].transpose(0, 1)  # [tokens, heads, dim]
+        sqnr = 10 * torch.log10(x.pow(2).sum() / (x - r).pow(2).sum())
+        assert sqnr > floor_db
+
+
+def test_pool_bytes_per_token():
+    kw = dict(num_layers=30, num_pages=4, kv_heads=3, head_dim=64, dtype=torch.bfloat16, device="cpu")
+    assert KVPool(**kw).bytes_per_token() == 30 * 2 * 3 * 64 * 2
+    assert KVPool(**kw, kv_dtype="int8").bytes_per_token() == 30 * (2 * 3 * 64 + 2 * 3 * 4)
+    assert KVPool(**kw, kv_dtype="fp8").bytes_per_token() == 30 * 2 * 3 * 64
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    best = logits.argmax(-1).tolist()
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert sample(logits, [SamplingParams(temperature=0)] * 4, [[]] * 4, gens).tokens == best
+    assert sample(logits, [SamplingParams(temperature=1.5, top_k=1)] * 4, [[]] * 4, gens).tokens == best
+    assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 4, [[]] * 4, gens).tokens == best
+    # A seeded row samples the same token whatever else is in the batch.
+    row = SamplingParams(temperature=1.0, seed=5)
+    alone = sample(logits[:1], [row], [[]], [torch.Generator().manual_seed(5)]).tokens[0]
+    mixed = sample(logits[[1, 0]], [SamplingParams(temperature=0), row], [[], []],
+                   [torch.Generator(), torch.Generator().manual_seed(5)]).tokens[1]
+    assert alone == mixed
+    # A large frequency penalty moves greedy off a token already generated.
+    pen = SamplingParams(temperature=0, frequency_penalty=2.0)
+    flat = torch.zeros(1, 10)
+    flat[0, 3] = 1.0
+    assert sample(flat, [pen], [[3]], [torch.Generator()]).tokens == [0]
+    lp = sample(logits[:1], [SamplingParams(temperature=0, logprobs=2)], [[]], [torch.Generator()]).logprobs[0]
+    assert lp[0] == pytest.approx(torch.log_softmax(logits[0], -1).max().item()) and len(lp[1]) == 2
+
+
+def test_load_casts_every_float_tensor_to_the_asked_dtype(tmp_path):
+    quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 64)), output_dir=tmp_path / "q", progress=False)
+    m = load(tmp_path / "q", dtype=torch.float32)
+    floats = {t.dtype for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()}
+    assert floats == {torch.float32}
+
+
+def test_vllm_hand_off_maps_options_and_explains_when_missing(tmp_path, capsys):
+    from llmzip.cli import main
+    from llmzip.serve.server import vllm_command
+
+    args = argparse.Namespace(model_dir=str(tmp_path), host="127.0.0.1", port=9000, max_num_seqs=8,
+                              max_model_len=1024, kv_cache_dtype="fp8", tensor_parallel_size=2,
+                              served_model_name="m", dtype=torch.bfloat16)
+    cmd = vllm_command(args)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert flags == {"--model": str(tmp_path), "--host": "127.0.0.1", "--port": "9000", "--max-num-seqs": "8", "--max-model-len": "1024",
+                     "--kv-cache-dtype": "fp8", "--tensor-parallel-size": "2", "--served-model-name": "m",
+                     "--dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="no int8 KV cache"):
+        vllm_command(argparse.Namespace(**{**vars(args), "kv_cache_dtype": "int8"}))
+    pytest.importorskip("fastapi")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["serve", str(tmp_path), "--engine", "vllm"]) == 2
+        assert "vLLM is not installed" in capsys.readouterr().err
