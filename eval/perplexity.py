@@ -110,18 +110,28 @@ def perplexity(
         tokens_per_s=round(sum(e - s for s, e, _ in spans) / seconds, 1), window_ppl=per_window,
         kv_cache=None if kv_cache is None else (
             f"{kv_cache.dtype}" + (f" residual {kv_cache.residual} group {kv_cache.group}" if kv_cache.kivi else "")
+            + (" calibrated scales" if kv_cache.dtype == "fp8" and _has_scales(model) else "")
             + f", chunk {kv_chunk}"),
     )
+
+
+def _has_scales(model) -> bool:
+    from llmzip.kv_cache import attached_fp8_scales
+
+    return attached_fp8_scales(model) is not None
 
 
 def _logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int) -> torch.Tensor:
     """fp32 logits [T, vocab] of one window, through a quantized KV cache when asked."""
     if kv_cache is None:
         return model(ids, use_cache=False).logits[0].float()
-    from llmzip.kv_cache import QuantizedKVCache
+    from llmzip.kv_cache import QuantizedKVCache, attached_fp8_scales, cache_kwarg
 
-    cache = QuantizedKVCache(kv_cache)
-    parts = [model(ids[:, c:c + kv_chunk], past_key_values=cache, use_cache=True).logits[0].float()
+    # fp8 reads the checkpoint's calibrated static scales when it has them (quantize --kv-cache fp8).
+    scales = attached_fp8_scales(model) if kv_cache.dtype == "fp8" else None
+    cache = QuantizedKVCache(kv_cache, scales=scales)
+    name = cache_kwarg(model)
+    parts = [model(ids[:, c:c + kv_chunk], use_cache=True, **{name: cache}).logits[0].float()
              for c in range(0, ids.shape[1], kv_chunk)]
     return torch.cat(parts)
 

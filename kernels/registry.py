@@ -81,7 +81,7 @@ TRITON = Kernel("triton", _triton_ok, _triton_linear, _triton_prepare)
 CPU_INT4 = Kernel("cpu_int4", cpu_int4.can_implement, cpu_int4.linear, cpu_int4.prepare)
 
 # First match wins: the fastest kernel first, the reference (accepts everything) last.
-KERNELS: list[Kernel] = [TRITON, REFERENCE, CPU_INT4]
+KERNELS: list[Kernel] = [TRITON, CPU_INT4, REFERENCE]
 
 
 def register(kernel: Kernel, index: int = 0) -> None:

@@ -121,6 +121,8 @@ def quantize(
                                          output_dir, resume, weights)
     else:
         report = quantize_model(model, config, progress=progress, device=device, lazy=weights)
+    if config.kv_cache == "fp8":
+        calib_meta = _kv_scales(model, tokenizer, calib or CalibConfig(), progress, report) or calib_meta
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
     if output_dir is not None:
@@ -131,13 +133,15 @@ def quantize(
             "source": str(source),
             "versions": versions(),
             "calibration": calib_meta,  # None for RTN, which uses no data
+            "kv_cache": {"dtype": "fp8", "scales": report["kv_scales"]} if config.kv_cache else None,
             "layers": report["layers"],
             "blocks": report.get("blocks"),
             "quantize_seconds": report["seconds"],
             "peak_rss_mib": report["peak_rss_mib"],
         }
         act = config.uses_gptq and config.gptq.act_order and config.weights.group_size is not None
-        qc = quantization_config(config.weights, report["ignored"], "weight" if act else None)
+        qc = quantization_config(config.weights, report["ignored"], "weight" if act else None,
+                                 kv_fp8=config.kv_cache == "fp8")
         report["output_dir"] = str(save(model, tokenizer, output_dir, qc, metadata))
     checkpoints = report.pop("checkpoints", None)
     if checkpoints is not None:
@@ -149,6 +153,22 @@ def work_dir(output_dir: str | Path) -> Path:
     """Hidden directory next to the output where a calibrated run keeps its progress."""
     out = Path(output_dir).expanduser().resolve()
     return out.parent / f".{out.name}.llmzip-work"
+
+
+def _kv_scales(model, tokenizer, calib: CalibConfig, progress: bool, report: dict) -> dict | None:
+    """Calibrate static FP8 K/V scales on the quantized model and attach them for export.
+    Returns the calibration metadata when no earlier step used data (RTN), else None."""
+    from .kv_cache import attach_fp8_scales, calibrate_fp8_scales
+
+    if tokenizer is None:
+        raise ValueError("FP8 KV-cache calibration needs the tokenizer: pass tokenizer=")
+    ids, digest = calibration_ids(tokenizer, calib)
+    log.info("kv cache: calibrating FP8 K/V scales on %d samples x %d tokens", *ids.shape)
+    scales = calibrate_fp8_scales(model, ids, progress)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    attach_fp8_scales(model, scales, dtype)
+    report["kv_scales"] = [[round(k, 8), round(v, 8)] for k, v in scales]
+    return {**calib.to_dict(), "digest": digest}
 
 
 def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, resume, lazy):

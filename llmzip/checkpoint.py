@@ -32,12 +32,15 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or in a format llmzip cannot load."""
 
 
-def quantization_config(scheme: WeightScheme, ignored: list[str], actorder: str | None = None) -> dict:
+def quantization_config(scheme: WeightScheme, ignored: list[str], actorder: str | None = None,
+                        kv_fp8: bool = False) -> dict:
     """The config.json `quantization_config` block, built with compressed-tensors' own
     schema so that its loaders (transformers, vLLM) read it as they expect.
 
     actorder: None, or "weight" (GPTQ act-order with static, contiguous groups; no
-    g_idx). compressed-tensors >= 0.20 no longer accepts "group" (exported g_idx)."""
+    g_idx). compressed-tensors >= 0.20 no longer accepts "group" (exported g_idx).
+    kv_fp8: add the static per-tensor FP8 `kv_cache_scheme` (scales `k_scale`/`v_scale`
+    on each self_attn, see llmzip.kv_cache.attach_fp8_scales)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     args = QuantizationArgs(
@@ -53,6 +56,8 @@ def quantization_config(scheme: WeightScheme, ignored: list[str], actorder: str 
         format="pack-quantized",
         quantization_status="compressed",
         ignore=sorted(ignored),
+        kv_cache_scheme=QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False,
+                                         symmetric=True) if kv_fp8 else None,
     )
     return qc.model_dump(exclude_none=True)
 
@@ -180,6 +185,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             act_order=loaded.act_order, dtype=dtype, device="meta",
         )
         set_module(model, name, ql)
+    if raw["quantization_config"].get("kv_cache_scheme"):
+        from .kv_cache import attention_modules
+
+        for attn in attention_modules(model).values():  # placeholders that the checkpoint fills
+            for name in ("k_scale", "v_scale"):
+                attn.register_buffer(name, torch.empty(1, dtype=dtype, device="meta"))
     state = _to_model_keys(model, _read_safetensors(path))
     # assign=True takes the tensors as they are: cast floats (norms, embeddings, scales) first.
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay contiguous)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
+    q.add_argument("--kv-cache", default=None, choices=["fp8"],
+                   help="also calibrate static FP8 K/V-cache scales on the calibration data and export them "
+                        "(compressed-tensors kv_cache_scheme; vLLM --kv-cache-dtype fp8, llmzip serve/eval use them)")
     q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the model in (default: auto)")
     q.add_argument("--load-whole-model", action="store_true",
                    help="load the full-precision model into memory first, instead of reading each layer from disk "

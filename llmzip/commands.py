@@ -29,11 +29,12 @@ def quantize(args) -> int:
         weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if args.clip_search else None,
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
+        kv_cache=args.kv_cache,
     )
     _, report = run(
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
-        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" else None,
+        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache else None,
         resume=args.resume, lazy=not args.load_whole_model,
     )
     from .info import format_report, size_report

@@ -171,8 +171,12 @@ class QuantConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     awq: AWQSettings = field(default_factory=AWQSettings)
+    kv_cache: str | None = None  # "fp8": calibrate static FP8 K/V scales and export them
 
     def __post_init__(self):
+        if self.kv_cache not in (None, "fp8"):
+            raise ConfigError(f"kv_cache {self.kv_cache!r}: the only calibrated KV cache scheme is 'fp8' "
+                              "(int8/int4 caches are dynamic and need no calibration)")
         if self.method not in METHODS:
             raise ConfigError(
                 f"method '{self.method}' is not available: choose one of {', '.join(METHODS)}"
@@ -211,4 +215,5 @@ class QuantConfig:
             ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
             gptq=GPTQSettings(**d.get("gptq", {})),
             awq=AWQSettings(**d.get("awq", {})),
+            kv_cache=d.get("kv_cache"),
         )

@@ -23,10 +23,11 @@ is exactly what a deployed quantized cache does.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 KV_DTYPES = ("int8", "int4", "int2", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -275,3 +276,82 @@ class QuantizedKVCache(Cache):
 
     def stored_bytes(self) -> int:
         return sum(layer.stored_bytes() for layer in self.layers)
+
+
+# ---------- FP8 scale calibration and export ----------
+
+ATTN_NAME = "self_attn"  # where vLLM and compressed-tensors expect k_scale / v_scale
+
+
+class _AbsMaxCache(DynamicCache):
+    """A DynamicCache that also records max |K| and max |V| per layer into `amax`."""
+
+    def __init__(self, amax: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.amax = amax
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = key_states.abs().amax().item(), value_states.abs().amax().item()
+        old = self.amax.get(layer_idx, (0.0, 0.0))
+        self.amax[layer_idx] = (max(old[0], k), max(old[1], v))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@torch.no_grad()
+def calibrate_fp8_scales(model, ids: torch.Tensor, progress: bool = False) -> list[tuple[float, float]]:
+    """Static FP8 (e4m3) K and V scales per decoder layer: max |K|, max |V| over the
+    calibration samples `ids` [samples, seq_len] (keys after RoPE, as the cache stores
+    them), divided by 448 so the largest value maps to e4m3's largest."""
+    from tqdm.auto import tqdm
+
+    amax: dict[int, tuple[float, float]] = {}
+    device = next(model.parameters()).device
+    for row in tqdm(ids, desc="kv fp8 scales", unit="sample", disable=not progress):
+        model(row.unsqueeze(0).to(device), use_cache=True, **{cache_kwarg(model): _AbsMaxCache(amax, config=model.config)})
+    if not amax:
+        raise ValueError("the model wrote nothing to its KV cache: cannot calibrate FP8 KV scales")
+    return [(max(k, 1e-12) / FP8_MAX, max(v, 1e-12) / FP8_MAX) for k, v in (amax[i] for i in sorted(amax))]
+
+
+def cache_kwarg(model) -> str:
+    """The name this transformers version gives the cache argument of `model.forward`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """Decoder layer index -> its attention module (named `self_attn`, with `layer_idx`)."""
+    found = {m.layer_idx: m for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] == ATTN_NAME and isinstance(getattr(m, "layer_idx", None), int)}
+    if not found:
+        raise ValueError(f"no attention modules named '{ATTN_NAME}' with a layer_idx: FP8 KV scales cannot be "
+                         "attached to this architecture")
+    return found
+
+
+def attach_fp8_scales(model, scales: list[tuple[float, float]], dtype: torch.dtype) -> None:
+    """Register `k_scale`/`v_scale` ([1], `dtype`, rounded up so no value clips) on each
+    attention module, which is where compressed-tensors' export and vLLM read them."""
+    mods = attention_modules(model)
+    if len(mods) != len(scales):
+        raise ValueError(f"{len(scales)} KV scale pairs for {len(mods)} attention layers")
+    for i, (k, v) in enumerate(scales):
+        for name, s in (("k_scale", k), ("v_scale", v)):
+            t = torch.tensor([s], dtype=torch.float32)
+            stored = t.to(dtype)
+            if stored.float().item() < s:
+                stored = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+            home = next(itertools.chain(mods[i].parameters(), mods[i].buffers())).device
+            mods[i].register_buffer(name, stored.to(home))
+
+
+def attached_fp8_scales(model) -> list[tuple[float, float]] | None:
+    """The (k_scale, v_scale) pairs attached to a model (see attach_fp8_scales), or None."""
+    try:
+        mods = attention_modules(model)
+    except ValueError:
+        return None
+    if not all(hasattr(m, "k_scale") and hasattr(m, "v_scale") for m in mods.values()):
+        return None
+    return [(mods[i].k_scale.float().item(), mods[i].v_scale.float().item()) for i in sorted(mods)]

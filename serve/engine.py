@@ -19,7 +19,6 @@ Greedy decoding takes the argmax of fp32 logits, like `model.generate`.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from llmzip.kv_cache import cache_kwarg
 
 from .kv_pool import KVPool, StepCache
 from .sampling import SamplingParams, sample
@@ -101,7 +102,7 @@ class Engine:
         self.pool = KVPool(mc.num_hidden_layers, -(-tokens // config.page) + 1, kv_heads, head_dim, dtype,
                            self.device, config.page, config.kv_dtype, kv_scales)
         self.eos = _eos_ids(model, tokenizer)
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._incoming: deque[Sequence] = deque()

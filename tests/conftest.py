@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    """Run QuantLinear through the plain-torch reference kernel (dequantize + matmul).
+    For tests of the checkpoint format against transformers' dense path: torch's CPU int4
+    kernel (the CPU default) rounds differently in bf16, as accurate but not bit-equal."""
+    monkeypatch.setenv("LLMZIP_KERNEL", "reference")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """Path of the converted bf16 SmolLM2-135M checkpoint."""

@@ -51,7 +51,7 @@ def test_quantized_model_stays_close_to_original():
     assert _rel(_logits(q8), ref) < _rel(_logits(q3), ref) < 0.5
 
 
-def test_transformers_loads_export_and_matches(tmp_path):
+def test_transformers_loads_export_and_matches(tmp_path, reference_kernel):
     """Symmetric pack-quantized export -> AutoModelForCausalLM via compressed-tensors."""
     model, _ = quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 32, True)), output_dir=tmp_path / "q",
                         progress=False)
@@ -87,7 +87,7 @@ def test_compressed_tensors_decompresses_our_tensors_exactly(tmp_path, symmetric
     assert torch.equal(theirs["weight"].to(torch.bfloat16), ours)
 
 
-def test_other_architecture_qwen2_with_bias(tmp_path):
+def test_other_architecture_qwen2_with_bias(tmp_path, reference_kernel):
     torch.manual_seed(0)
     cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
@@ -140,7 +140,7 @@ def test_load_rejects_unquantized_dir(tmp_path):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_cached_dense_weights_match_the_reference_kernel(symmetric):
+def test_cached_dense_weights_match_the_reference_kernel(symmetric, reference_kernel):
     """Inside cached_dense_weights a QuantLinear dequantizes once and gives exactly the
     reference kernel's output; outside, nothing dense is kept."""
     from llmzip.algorithms.rtn import rtn

@@ -105,7 +105,7 @@ def test_sequential_runner_beats_rtn_on_tiny_llama():
     assert errs["gptq"] < 0.9 * errs["rtn"]  # measured 0.283 vs 0.343
 
 
-def test_act_order_checkpoint_loads_in_transformers(tmp_path):
+def test_act_order_checkpoint_loads_in_transformers(tmp_path, reference_kernel):
     """GPTQ act-order (static groups) exports as compressed-tensors `actorder: weight`."""
     from transformers import AutoModelForCausalLM
 

@@ -138,17 +138,18 @@ def test_info_kernels_shows_choice_and_refusals(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     layers = json.loads(out.stdout.strip().splitlines()[-1])["kernels"]["layers"]
-    assert len(layers) == 14 and {v["kernel"] for v in layers.values()} == {"reference"}
+    # On CPU the torch int4 kernel takes every layer (all out_features are multiples of 16).
+    assert len(layers) == 14 and {v["kernel"] for v in layers.values()} == {"cpu_int4"}
     assert all("CUDA" in v["refused"]["triton"] for v in layers.values())
     assert "triton refused: Triton runs on CUDA" in out.stdout
 
 
 @pytest.mark.parametrize("group,symmetric,act_order", [(64, True, None), (32, False, None), (None, False, None),
                                                        (64, True, "uniform"), (64, True, "ragged")])
-@pytest.mark.parametrize("M", [1, 3, 80])
+@pytest.mark.parametrize("M", [1, 3, 80, 130])
 def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
     """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; ragged act-order
-    groups and M >= 64 take the reference path inside the kernel."""
+    groups and M >= 128 take the reference path inside the kernel."""
     from llmzip.kernels import cpu_int4
 
     m = layer(group=group, symmetric=symmetric, act_order=act_order, n=80, dtype=torch.bfloat16)
@@ -159,6 +160,24 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
     ref = x.float() @ dense_weight(m, torch.bfloat16).float().t()
     assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < BF16_TOL
     assert (m.kernel_cache["cpu_int4"] is None) == (act_order == "ragged")
+
+
+def test_cpu_int4_runs_float32_through_the_reference():
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=64, n=80, dtype=torch.float32)
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cpu_int4.linear(x, m), x @ dense_weight(m, torch.float32).t())
+
+
+@pytest.mark.parametrize("act_order", [None, "uniform"])
+def test_large_weights_dequantize_in_row_blocks_identically(monkeypatch, act_order):
+    from llmzip.kernels import reference
+
+    m = layer(group=32, n=80, act_order=act_order, dtype=torch.bfloat16)
+    whole = dense_weight(m, torch.bfloat16)
+    monkeypatch.setattr(reference, "CHUNK_ELEMS", 1000)  # 80 x 192 weights now go 5 rows at a time
+    assert torch.equal(dense_weight(m, torch.bfloat16), whole)
 
 
 def test_cpu_int4_refuses_what_it_cannot_run():

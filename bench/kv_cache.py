@@ -1,0 +1,85 @@
+"""KV-cache quantization on SmolLM2-135M: perplexity and bytes per token per scheme,
+with weights in bf16 and in W4 g64.
+
+Perplexity follows `llmzip eval ppl --kv-cache` (eval/perplexity.py): windows of `--ctx`
+tokens of the built-in Wikipedia text, each fed through a fresh QuantizedKVCache in
+chunks of `--chunk` tokens, so every token older than the scheme's residual window is
+read back quantized (int8/fp8 have no residual: every token, the current chunk's too).
+FP8 uses static scales calibrated exactly as `llmzip quantize --kv-cache fp8` does (max
+|K|, |V| over the calibration samples / 448) on the model being measured.
+
+    LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/kv_cache.py --w4 DIR [--windows 2]
+
+Writes bench/results/kv_cache.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r32", {"residual": 32}),
+           ("int4 r128", {"residual": 128}), ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
+
+
+def main() -> None:
+    from llmzip.calibration import CalibConfig, calibration_ids
+    from llmzip.data import load_text
+    from llmzip.eval.perplexity import perplexity, tokenize
+    from llmzip.kv_cache import KVCacheConfig, attach_fp8_scales, bytes_per_token, calibrate_fp8_scales
+    from llmzip.models import demo_checkpoint, load_for_eval
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--w4", required=True, help="a W4 g64 llmzip checkpoint of SmolLM2-135M")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "results" / "kv_cache"))
+    args = ap.parse_args()
+
+    rows = []
+    for weights, path in (("bf16", str(demo_checkpoint("smollm2-135m"))), ("W4 g64", args.w4)):
+        model, tok = load_for_eval(path)
+        ids = tokenize(tok, load_text("wiki"))
+        calib, _ = calibration_ids(tok, CalibConfig(samples=args.calib_samples, seq_len=512))
+        attach_fp8_scales(model, calibrate_fp8_scales(model, calib), torch.bfloat16)
+        mc = model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        base_bytes = bytes_per_token(None, mc.num_key_value_heads, head_dim)
+        for name, kw in SCHEMES:
+            cfg = None if kw is None else KVCacheConfig(name.split()[0], **kw)
+            t0 = time.perf_counter()
+            res = perplexity(model, ids, ctx=args.ctx, max_windows=args.windows, kv_cache=cfg, kv_chunk=args.chunk,
+                             progress=False)
+            per_layer = bytes_per_token(cfg, mc.num_key_value_heads, head_dim)
+            rows.append({"weights": weights, "kv": name, "ppl": round(res.ppl, 4), "seconds": round(time.perf_counter() - t0, 1),
+                         "bytes_per_token_per_layer": per_layer, "bytes_ratio": round(per_layer / base_bytes, 4),
+                         "protocol": res.kv_cache})
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        base = next(b for b in rows if b["weights"] == r["weights"] and b["kv"] == "bf16")
+        r["ppl_vs_bf16_kv"] = round(r["ppl"] / base["ppl"], 4)
+    meta = {"model": "SmolLM2-135M", "ctx": args.ctx, "windows": args.windows, "chunk": args.chunk,
+            "calib_samples": args.calib_samples, "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "command": " ".join(sys.argv)}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| weights | KV cache | ppl | ppl / bf16 KV | KV bytes/token/layer | vs bf16 |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['weights']} | {r['kv']} | {r['ppl']} | {r['ppl_vs_bf16_kv']} | {r['bytes_per_token_per_layer']} | "
+              f"{r['bytes_ratio']} |" for r in rows]
+    Path(args.out + ".md").write_text(
+        f"# KV-cache quantization, SmolLM2-135M\n\nppl on {args.windows} windows of {args.ctx} tokens (wiki), cache "
+        f"fed {args.chunk} tokens at a time; FP8 scales calibrated on {args.calib_samples} x 512 'lee' tokens.\n\n"
+        f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
