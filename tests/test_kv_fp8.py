@@ -97,3 +97,24 @@ def test_server_pool_and_metadata_use_the_calibrated_scales(exported):
     assert meta["kv_cache"]["dtype"] == "fp8" and meta["calibration"]["samples"] == 4
     read = kv_scales(out)
     assert _flat(read) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
+
+
+def test_eval_ppl_reads_kv_through_the_calibrated_scales(exported, monkeypatch):
+    from llmzip.eval import perplexity as ppl_mod
+    from llmzip.kv_cache import KVCacheConfig, QuantizedKVCache
+
+    out, _, report = exported
+    model = load(out)
+    used = []
+    real = QuantizedKVCache.__init__
+
+    def spy(self, cfg, num_layers=None, scales=None):
+        used.append(scales)
+        real(self, cfg, num_layers, scales)
+
+    monkeypatch.setattr(QuantizedKVCache, "__init__", spy)
+    ids = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(1))
+    res = ppl_mod.perplexity(model, ids, ctx=64, max_windows=2, kv_cache=KVCacheConfig("fp8"), kv_chunk=16,
+                             progress=False)
+    assert res.kv_cache.startswith("fp8 calibrated scales")
+    assert len(used) == 2 and _flat(used[0]) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)

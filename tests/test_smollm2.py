@@ -52,7 +52,7 @@ def test_w4_g64_bounds(smollm2_dir, wiki_ids, bf16_ppl):
     assert r_asym < r_sym  # a zero point helps on skewed groups
 
 
-def test_transformers_load_matches_llmzip_load(smollm2_dir, tmp_path):
+def test_transformers_load_matches_llmzip_load(smollm2_dir, tmp_path, reference_kernel):
     quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(4, 64, True)), output_dir=tmp_path / "q",
              progress=False)
     ids = torch.arange(100, 164).unsqueeze(0)
