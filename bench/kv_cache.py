@@ -27,7 +27,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r32", {"residual": 32}),
-           ("int4 r128", {"residual": 128}), ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
+           ("int4 r128", {"residual": 128}), ("int4 r128 g64", {"residual": 128, "group": 64}),
+           ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
 
 
 def main() -> None:

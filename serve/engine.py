@@ -19,6 +19,7 @@ Greedy decoding takes the argmax of fp32 logits, like `model.generate`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -31,7 +32,7 @@ import torch
 
 from llmzip.kv_cache import cache_kwarg
 
-from .kv_pool import KVPool, StepCache
+from .kv_pool import KVPool, StepCache, paged_step, register_paged_attention
 from .sampling import SamplingParams, sample
 
 log = logging.getLogger("llmzip.serve")
@@ -83,6 +84,7 @@ class EngineConfig:
     page: int = 16
     prefill_chunk: int = 512
     max_queue: int = 256
+    attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
 
 
 class Engine:
@@ -102,6 +104,9 @@ class Engine:
         self.pool = KVPool(mc.num_hidden_layers, -(-tokens // config.page) + 1, kv_heads, head_dim, dtype,
                            self.device, config.page, config.kv_dtype, kv_scales)
         self.eos = _eos_ids(model, tokenizer)
+        self.paged = self._use_paged_kernel(config)
+        if self.paged:
+            register_paged_attention()
         self._cache_kw = cache_kwarg(model)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
@@ -115,6 +120,19 @@ class Engine:
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
+
+    def _use_paged_kernel(self, config: EngineConfig) -> bool:
+        if config.attention not in ("auto", "kernel", "gather"):
+            raise ValueError(f"attention {config.attention!r}: choose auto, kernel or gather")
+        if config.attention == "gather" or config.kv_dtype != "int8":
+            return False
+        from llmzip.kernels import triton_kv_attention as tk
+
+        if config.attention == "kernel":
+            if tk.triton is None:
+                raise ImportError("the paged attention kernel needs triton: pip install 'llmzip[kernels]'")
+            return True
+        return tk.triton is not None and self.device.type == "cuda"
 
     # -- any thread --------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> int:
@@ -213,7 +231,8 @@ class Engine:
             self.prefilling.append(seq)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q]."""
+        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q].
+        Decode steps (q = 1) over an int8 pool use the paged attention kernel when enabled."""
         page = self.pool.page
         n = max(self.pool.pages_for(int(p[-1]) + 1) for p in positions)
         table = torch.zeros(len(seqs), n, dtype=torch.long)
@@ -225,9 +244,12 @@ class Engine:
         mask = torch.zeros(positions.shape[0], 1, positions.shape[1], n * page, dtype=self.dtype)
         mask.masked_fill_(keys[None, None, None, :] > positions[:, None, :, None], torch.finfo(self.dtype).min)
         dev = self.device
-        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev))
-        out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask.to(dev),
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        paged = self.paged and positions.shape[1] == 1
+        lengths = (positions[:, 0] + 1).to(dev) if paged else None
+        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev), lengths)
+        with paged_step(self.model, cache) if paged else contextlib.nullcontext():
+            out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask.to(dev),
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :]
 
     def _prefill(self, seq: Sequence) -> None:

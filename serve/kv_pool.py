@@ -20,6 +20,8 @@ row, K/V of length `kv_len` (whole pages); positions a row has not written are m
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -117,17 +119,22 @@ class StepCache(Cache):
 
     table: [rows, pages] block tables (padded with page 0); pages, offsets: [rows, q]
     where each new token of each row goes. Every layer writes its new K/V there and
-    reads back its rows' pages."""
+    reads back its rows' pages. lengths: [rows] tokens per row after this step; given
+    (decode steps over an int8 pool with the paged attention kernel), update() only writes
+    and attention reads the pool itself (see `paged_attention`)."""
 
-    def __init__(self, pool: KVPool, table: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor):
+    def __init__(self, pool: KVPool, table: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
+                 lengths: torch.Tensor | None = None):
         super().__init__(layers=[])
-        self.pool, self.table, self.pages, self.offsets = pool, table, pages, offsets
+        self.pool, self.table, self.pages, self.offsets, self.lengths = pool, table, pages, offsets, lengths
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [rows, H, q, D] -> one entry per (row, token)
         k = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1:2], key_states.shape[-1])
         v = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1:2], value_states.shape[-1])
         self.pool.write(layer_idx, self.pages.reshape(-1), self.offsets.reshape(-1), k, v)
+        if self.lengths is not None:
+            return key_states, value_states  # not read: paged_attention reads the pool
         return self.pool.read(layer_idx, self.table)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -136,3 +143,46 @@ class StepCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+# ---------- attention straight from the int8 pool (Triton) ----------
+
+PAGED_ATTENTION = "llmzip_paged_int8"
+_step = threading.local()
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for decode steps: one query per row, keys and
+    values read from the int8 pool by the Triton kernel (kernels/triton_kv_attention.py),
+    dequantized in registers. query: [rows, Hq, 1, D] -> output [rows, 1, Hq, D]."""
+    from llmzip.kernels.triton_kv_attention import decode_attention
+
+    cache: StepCache = _step.cache
+    pool, layer = cache.pool, module.layer_idx
+    out = decode_attention(query[:, :, 0, :], pool.k[layer], pool.kp[layer], pool.v[layer], pool.vp[layer],
+                           cache.table, cache.lengths, scaling)
+    return out[:, None], None
+
+
+def register_paged_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAGED_ATTENTION, paged_attention)
+
+
+class paged_step:
+    """Context for one decode forward through `paged_attention`: makes the step's cache
+    visible to the attention function and switches the model's attention to it."""
+
+    def __init__(self, model, cache: StepCache):
+        self.model, self.cache = model, cache
+
+    def __enter__(self):
+        _step.cache = self.cache
+        self.saved = self.model.config._attn_implementation
+        self.model.config._attn_implementation = PAGED_ATTENTION
+        return self
+
+    def __exit__(self, *exc):
+        self.model.config._attn_implementation = self.saved
+        _step.cache = None

@@ -89,3 +89,19 @@ def test_cuda_model_selects_triton_and_matches_reference(monkeypatch):
         ref = model(ids).logits.float()
     assert kernels == {"triton"}
     assert ((out - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 13], [300, 17]])
+def test_decode_attention_kernel_on_cuda(lengths):
+    from test_kv_attention import filled_pool
+
+    from llmzip.kernels import triton_kv_attention as tk
+
+    pool, table = filled_pool(lengths, hkv=2, d=64, page=16)
+    q = torch.randn(len(lengths), 8, 64, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor(lengths)
+    ref = tk.decode_attention_reference(q, pool.k[0], pool.kp[0], pool.v[0], pool.vp[0], table, lens)
+    dev = [t.cuda() for t in (q, pool.k[0], pool.v[0], table, lens)]
+    kp, vp = tuple(t.cuda() for t in pool.kp[0]), tuple(t.cuda() for t in pool.vp[0])
+    out = tk.decode_attention(dev[0], dev[1], kp, dev[2], vp, dev[3], dev[4]).cpu()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
