@@ -90,11 +90,17 @@ def perplexity(
     if max_windows is not None:
         spans = spans[:max_windows]
     device = next(model.parameters()).device
+    scales = None
+    if kv_cache is not None and kv_cache.dtype == "fp8":
+        from llmzip.kv_cache import attached_fp8_scales
+
+        # the checkpoint's calibrated static scales when it has them (quantize --kv-cache fp8)
+        scales = attached_fp8_scales(model)
     total_nll, total_tokens, per_window = 0.0, 0, []
     t0 = time.perf_counter()
     for start, end, first in tqdm(spans, desc=f"ppl ctx={ctx}", unit="win", disable=not progress):
         ids = token_ids[start:end].unsqueeze(0).to(device)
-        logits = _logits(model, ids, kv_cache, kv_chunk)[:-1]
+        logits = _logits(model, ids, kv_cache, kv_chunk, scales)[:-1]
         targets = ids[0, 1:]
         nll = F.cross_entropy(logits, targets, reduction="none")
         nll = nll[first - start - 1 :]  # logits[i] predicts token start+i+1
@@ -110,25 +116,17 @@ def perplexity(
         tokens_per_s=round(sum(e - s for s, e, _ in spans) / seconds, 1), window_ppl=per_window,
         kv_cache=None if kv_cache is None else (
             f"{kv_cache.dtype}" + (f" residual {kv_cache.residual} group {kv_cache.group}" if kv_cache.kivi else "")
-            + (" calibrated scales" if kv_cache.dtype == "fp8" and _has_scales(model) else "")
+            + (" calibrated scales" if scales is not None else "")
             + f", chunk {kv_chunk}"),
     )
 
 
-def _has_scales(model) -> bool:
-    from llmzip.kv_cache import attached_fp8_scales
-
-    return attached_fp8_scales(model) is not None
-
-
-def _logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int) -> torch.Tensor:
+def _logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int, scales=None) -> torch.Tensor:
     """fp32 logits [T, vocab] of one window, through a quantized KV cache when asked."""
     if kv_cache is None:
         return model(ids, use_cache=False).logits[0].float()
-    from llmzip.kv_cache import QuantizedKVCache, attached_fp8_scales, cache_kwarg
+    from llmzip.kv_cache import QuantizedKVCache, cache_kwarg
 
-    # fp8 reads the checkpoint's calibrated static scales when it has them (quantize --kv-cache fp8).
-    scales = attached_fp8_scales(model) if kv_cache.dtype == "fp8" else None
     cache = QuantizedKVCache(kv_cache, scales=scales)
     name = cache_kwarg(model)
     parts = [model(ids[:, c:c + kv_chunk], use_cache=True, **{name: cache}).logits[0].float()

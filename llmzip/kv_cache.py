@@ -29,10 +29,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from .primitives import _store as round_up_to_dtype  # rounds a scale up, never down
+
 KV_DTYPES = ("int8", "int4", "int2", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 PARAM_DTYPE = torch.float16  # scales and minima: 2 bytes, 4x finer than bf16 (K/V stay far below 65504)
+PARAM_BYTES = torch.finfo(PARAM_DTYPE).bits // 8
 
 
 @dataclass(frozen=True)
@@ -169,11 +172,12 @@ def bytes_per_token(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, ele
         return float(full)
     if cfg.dtype == "fp8":
         return full / elem_bytes
+    pb = PARAM_BYTES  # scale and min are stored in PARAM_DTYPE whatever the model dtype
     if cfg.dtype == "int8":
-        return 2 * kv_heads * (head_dim + 2 * elem_bytes)
+        return 2 * kv_heads * (head_dim + 2 * pb)
     codes = kv_heads * head_dim * cfg.bits / 8
-    key_params = kv_heads * head_dim * 2 * elem_bytes / cfg.group  # per channel, per group of tokens
-    value_params = kv_heads * (head_dim // _value_group(cfg, head_dim)) * 2 * elem_bytes  # per token, channel group
+    key_params = kv_heads * head_dim * 2 * pb / cfg.group  # per channel, per group of tokens
+    value_params = kv_heads * (head_dim // _value_group(cfg, head_dim)) * 2 * pb  # per token, channel group
     return 2 * codes + key_params + value_params
 
 
@@ -338,10 +342,7 @@ def attach_fp8_scales(model, scales: list[tuple[float, float]], dtype: torch.dty
         raise ValueError(f"{len(scales)} KV scale pairs for {len(mods)} attention layers")
     for i, (k, v) in enumerate(scales):
         for name, s in (("k_scale", k), ("v_scale", v)):
-            t = torch.tensor([s], dtype=torch.float32)
-            stored = t.to(dtype)
-            if stored.float().item() < s:
-                stored = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+            stored = round_up_to_dtype(torch.tensor([s], dtype=torch.float32), dtype)
             home = next(itertools.chain(mods[i].parameters(), mods[i].buffers())).device
             mods[i].register_buffer(name, stored.to(home))
 

@@ -293,8 +293,9 @@ class Engine:
         if tok in self.eos and not p.ignore_eos:
             return self._finish(seq, "stop", text_ids=seq.out[:-1])
         text = self.tokenizer.decode(seq.out, skip_special_tokens=True)
-        for stop_at in sorted(i for i in (text.find(s, max(0, seq.sent - len(s))) for s in p.stop) if i >= 0)[:1]:
-            return self._finish(seq, "stop", text=text[:stop_at])
+        hits = [i for i in (text.find(s, max(0, seq.sent - len(s))) for s in p.stop) if i >= 0]
+        if hits:
+            return self._finish(seq, "stop", text=text[:min(hits)])
         if len(seq.out) >= p.max_tokens or seq.pos + 1 >= self.config.max_model_len:
             return self._finish(seq, "length", text=text)
         hold = max((len(s) for s in p.stop), default=1) - 1

@@ -25,7 +25,8 @@ import threading
 import torch
 from transformers.cache_utils import Cache
 
-from llmzip.kv_cache import FP8, PARAM_DTYPE, dequantize_asym, dequantize_fp8, fp8_scale, quantize_asym, quantize_fp8
+from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_asym, dequantize_fp8,
+                             fp8_scale, quantize_asym, quantize_fp8)
 
 KV_POOL_DTYPES = ("auto", "int8", "fp8")
 
@@ -43,7 +44,8 @@ class KVPool:
         store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}[kv_dtype]
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
-        if kv_dtype == "int8":  # (scale, min) per token and head
+        self.kp = self.vp = None  # int8: (scale, min) per token and head, per layer
+        if kv_dtype == "int8":
             pshape = (num_pages, kv_heads, page, 1)
             self.kp = [_params(pshape, device) for _ in range(num_layers)]
             self.vp = [_params(pshape, device) for _ in range(num_layers)]
@@ -61,11 +63,9 @@ class KVPool:
 
     def bytes_per_token(self) -> float:
         """Bytes one token takes in the pool over all layers (K and V, with scales)."""
-        elem = {"auto": torch.tensor([], dtype=self.dtype).element_size(), "int8": 1, "fp8": 1}[self.kv_dtype]
-        per_layer = 2 * self.kv_heads * self.head_dim * elem
-        if self.kv_dtype == "int8":
-            per_layer += 2 * self.kv_heads * 2 * 2  # fp16 scale + min per token and head, K and V
-        return float(per_layer * self.num_layers)
+        cfg = None if self.kv_dtype == "auto" else KVCacheConfig(self.kv_dtype)
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return float(bytes_per_token(cfg, self.kv_heads, self.head_dim, elem) * self.num_layers)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -96,8 +96,7 @@ class KVPool:
 
     def read(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [rows, kv_heads, pages*page, head_dim] for block tables `table` [rows, pages]."""
-        return self._gather(layer, table, self.k, getattr(self, "kp", None), 0), \
-            self._gather(layer, table, self.v, getattr(self, "vp", None), 1)
+        return self._gather(layer, table, self.k, self.kp, 0), self._gather(layer, table, self.v, self.vp, 1)
 
     def _gather(self, layer, table, store, params, which):
         rows, n = table.shape

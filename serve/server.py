@@ -22,29 +22,11 @@ def require_serve_deps() -> None:
         raise ImportError(f"llmzip serve needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
-def kv_scales(path: Path) -> list | None:
-    """Calibrated (k_scale, v_scale) per layer from a checkpoint with an FP8 kv_cache_scheme, else None."""
-    import json
-
-    from safetensors import safe_open
-
-    cfg = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    if not cfg.get("kv_cache_scheme"):
-        return None
-    found: dict[int, dict] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for k in fh.keys():
-                if k.endswith(("self_attn.k_scale", "self_attn.v_scale")):
-                    layer = int(k.split(".layers.")[1].split(".")[0])
-                    found.setdefault(layer, {})[k.rsplit(".", 1)[1]] = fh.get_tensor(k).float().item()
-    return [(found[i]["k_scale"], found[i]["v_scale"]) for i in sorted(found)] if found else None
-
-
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
                  max_queue: int = 256, kv_cache_tokens: int | None = None):
     import torch
 
+    from llmzip.kv_cache import attached_fp8_scales
     from llmzip.models import load_for_eval
 
     from .engine import Engine, EngineConfig
@@ -56,8 +38,8 @@ def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype
 
         model = model.to(device)
         select_kernels(model)
-    path = Path(model_dir)
-    scales = kv_scales(path) if kv_dtype == "fp8" and (path / "config.json").is_file() else None
+    # llmzip.load attaches a checkpoint's calibrated scales (quantize --kv-cache fp8) to its attention modules.
+    scales = attached_fp8_scales(model) if kv_dtype == "fp8" else None
     if kv_dtype == "fp8" and scales is None:
         log.warning("no calibrated FP8 KV scales in %s: each layer's scale comes from the first prompt it sees "
                     "(quantize with --kv-cache fp8 for calibrated ones)", model_dir)

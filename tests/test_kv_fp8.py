@@ -89,13 +89,17 @@ def test_llmzip_and_transformers_load_the_export(exported):
     assert ((a - b).norm() / b.norm()).item() < 2e-2  # bf16, two kernels
 
 
-def test_server_pool_and_metadata_use_the_calibrated_scales(exported):
-    from llmzip.serve.server import kv_scales
+def test_server_pool_and_metadata_use_the_calibrated_scales(exported, monkeypatch):
+    import llmzip.models
+    from llmzip.serve.server import build_engine
 
     out, _, report = exported
     meta = json.loads((out / "llmzip.json").read_text())
     assert meta["kv_cache"]["dtype"] == "fp8" and meta["calibration"]["samples"] == 4
-    read = kv_scales(out)
+    # The export carries no tokenizer files (stand-in tokenizer): load the model, keep the stand-in.
+    monkeypatch.setattr(llmzip.models, "load_for_eval", lambda path, dtype=None: (load(path, dtype=dtype), Tok()))
+    engine = build_engine(str(out), max_num_seqs=2, max_model_len=64, kv_dtype="fp8", device="cpu")
+    read = [(k.item(), v.item()) for k, v in engine.pool.fp8_scales]
     assert _flat(read) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
 
 
