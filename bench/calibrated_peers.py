@@ -9,7 +9,10 @@ Calibration: the driver picks N x L token ids once with llmzip.calibration.calib
 ("lee" text, seed 0) and writes them to WORK/calib.npy; the llm-compressor scripts feed exactly
 those rows (checked on the model's embedding input), and llmzip's CLI picks the same ones from the
 same source/seed/samples/seq-len (checked: the digest in OUT/llmzip.json equals the file's).
-GPTQ: damping 0.01, block 128, act-order off for both tools; everything else each tool's default.
+GPTQ: damping 0.01, block 128, act-order off for both tools, or on for both in the act-order rows
+(llm-compressor's actorder="weight", its default: static groups, like llmzip's --act-order); everything else
+each tool's default. llm-compressor's AWQ script turns off its page-locked activation cache, which
+raises on a machine without an accelerator (see peers/llmcompressor_awq.py).
 
 Phase 1: every quantize run back to back, each in its own process (wall seconds of the whole
 process, start-up + load + calibrate + quantize + save, and its peak RSS). Phase 2: perplexity of
@@ -50,11 +53,14 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     "llmzip-awq": ("llmzip", "awq", None, None, None),
     "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
     "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
+    "llmcompressor-gptq-act": ("llm-compressor", "gptq act-order", "llmcompressor", "llmcompressor",
+                               "llmcompressor_gptq.py"),
     "llmcompressor-awq": ("llm-compressor", "awq", "llmcompressor", "llmcompressor", "llmcompressor_awq.py"),
     "hqq": ("HQQ", "hqq", "hqq", "hqq", "hqq_quant.py"),
 }
 # (llmzip tool, peer tool, compare time and RSS too?) for the ratio table
-PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-awq", "llmcompressor-awq", True),
+PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmcompressor-gptq-act", True),
+         ("llmzip-awq", "llmcompressor-awq", True),
          ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False)]
 
 
@@ -143,7 +149,10 @@ def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip
                  calib["source"], "--samples", str(calib["samples"]), "--seq-len", str(calib["seq_len"]),
                  "--seed", str(calib["seed"]), "--json"], log)
             row["bits_per_weight"] = summary["bits_per_weight"]
-            used = (json.loads((out / "llmzip.json").read_text())["calibration"] or {}).get("digest")
+            meta = json.loads((out / "llmzip.json").read_text())
+            used = (meta["calibration"] or {}).get("digest")
+            if meta["config"]["clip"]:  # GPTQ's default clip search (old rows lack the key)
+                row["tool"] += " +clip"
             if method != "rtn":  # RTN reads no data
                 row["calib_check"] = {"digest": used, "same_as_file": used == calib["digest"]}
         else:
@@ -153,6 +162,8 @@ def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip
             cmd = [str(py), str(HERE / "peers" / script), str(base), str(out), *q]
             if method != "hqq":
                 cmd += ["--calib", calib["file"]]
+            if method.endswith(" act-order"):
+                cmd += ["--actorder", "weight"]
             summary, wall, rss = run_measured(cmd, log)
             if method == "hqq":
                 row["bits_per_weight"] = summary["bits_per_weight"]
@@ -202,15 +213,16 @@ def main() -> None:
     base = demo_checkpoint("smollm2-135m")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     calib = write_calibration(base, work, args.samples, args.seq_len)
     print("calibration", calib, flush=True)
     # Phase 1: every quantization, back to back, so their timings share quiet conditions.
     rows = [{"setting": "bf16", "tool": "-", "tool_key": "bf16", "dir": str(base), "quant_s": None,
              "peak_rss_mib": None, "bits_per_weight": 16.0, "bits_note": None, "calib_check": None,
-             "skipped": None}]
+             "skipped": None, "run": 0}]
     for s in settings:
         for t in tools:
-            rows.append(quantize(t, s, base, work, calib, llmzip.__version__))
+            rows.append({**quantize(t, s, base, work, calib, llmzip.__version__), "run": 0})
             print({k: rows[-1][k] for k in ("setting", "tool", "quant_s", "peak_rss_mib", "bits_per_weight",
                                             "calib_check", "skipped")}, flush=True)
     # Phase 2: perplexity of every checkpoint with one protocol (llmzip loads the peers' too).
@@ -234,11 +246,15 @@ def main() -> None:
         "calibration": {**calib, "file": "WORK/calib.npy",
                         "all_calibrated_rows_used_it": all((r["calib_check"] or {}).get("same_as_file", True)
                                                            for r in rows)},
-        "gptq": "damping 0.01, block 128, act-order off (both tools); other settings each tool's default",
+        "gptq": "damping 0.01, block 128, act-order off for both tools, or on for both (llm-compressor "
+                "actorder=\"weight\") in the act-order rows; other settings each tool's default (llmzip "
+                "rows marked +clip searched clipped scales on the layer-output error, llmzip's GPTQ default)",
         "ppl_protocol": f"llmzip eval ppl --data wiki --ctx 2048 --max-windows {args.max_windows} "
                         f"({b.get('eval_tokens')} scored tokens, {b.get('eval_dtype')})",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
         "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]),
+        "runs": [{"command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "llmzip": llmzip.__version__}],
         "rows": rows,
     }
     old_file = results / f"{NAME}.json"
@@ -247,9 +263,15 @@ def main() -> None:
         same = old["calibration"]["digest"] == calib["digest"] and old["ppl_protocol"] == result["ppl_protocol"]
         if not same:
             raise SystemExit(f"--merge: {old_file} used other calibration or ppl protocol; not merging")
+        runs = old.get("runs") or [{"command": old["command"], "date": None}]
+        for r in rows:
+            r["run"] = len(runs)
         mine = {(r["setting"], r["tool_key"]) for r in rows}
-        kept = [r for r in old["rows"] if (r["setting"], r["tool_key"]) not in mine]
-        result["rows"] = [rows[0]] + [r for r in kept if r["tool_key"] != "bf16"] + rows[1:]
+        kept = [{"run": 0, **r} for r in old["rows"] if (r["setting"], r["tool_key"]) not in mine]
+        order = {k: i for i, k in enumerate([*SETTINGS, *TOOLS])}
+        result["rows"] = [rows[0]] + sorted([r for r in kept if r["tool_key"] != "bf16"] + rows[1:],
+                                            key=lambda r: (order[r["setting"]], order[r["tool_key"]]))
+        result["runs"] = runs + result["runs"]
         result["command"] = old["command"] + " ; " + result["command"]
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -269,10 +291,13 @@ def render(result: dict, results: Path) -> None:
              f"{'' if c['all_calibrated_rows_used_it'] else ' (NOT confirmed for every row: see the JSON)'}. "
              f"GPTQ: {result['gptq']}.",
              f"Perplexity: {result['ppl_protocol']}. Machine: {result['machine']}.",
-             f"Command: `{result['command']}`. quant s = wall time of the whole quantize process "
-             "(start-up + load + calibrate + quantize + save), all rows run back to back; peak RSS of that process.",
-             "", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "quant s = wall time of the whole quantize process (start-up + load + calibrate + quantize + "
+             "save), the rows of one run back to back; peak RSS of that process. Runs (column `run`):", ""]
+    runs = result.get("runs") or [{"command": result["command"], "date": None}]
+    lines += [f"{i}. `{r['command']}`" + (f" ({r['date']}, llmzip {r['llmzip']})" if r.get("date") else "")
+              for i, r in enumerate(runs)]
+    lines += ["", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB | run |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in rows:
         bpw = _num(r["bits_per_weight"], ".3f") + ("*" if r.get("bits_note") else "")
@@ -280,10 +305,10 @@ def render(result: dict, results: Path) -> None:
             notes.append(f"{r['setting']}, {r['tool']}: `{r['skipped']}`")
             ppl = f"skipped [{len(notes)}]"
             lines.append(f"| {r['setting']} | {r['tool']} | {ppl} | - | {bpw} | "
-                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} |")
+                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {r.get('run', 0)} |")
             continue
         lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {bpw} | "
-                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} |")
+                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {r.get('run', 0)} |")
     if any(r.get("bits_note") for r in rows):
         note = next(r["bits_note"] for r in rows if r.get("bits_note"))
         lines += ["", f"\\* HQQ bits/weight is {note}; llmzip and llm-compressor are symmetric "
@@ -291,7 +316,8 @@ def render(result: dict, results: Path) -> None:
     if notes:
         lines += ["", "Skipped rows, with the tool's own error:", ""]
         lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
-    lines += ["", "llmzip / peer, same setting (below 1 favours llmzip; HQQ needs no calibration, so only ppl):", "",
+    lines += ["", "llmzip / peer, same setting (below 1 favours llmzip; HQQ needs no calibration, so only ppl; "
+              "time and RSS are compared only between rows of the same run):", "",
               "| setting | llmzip vs peer | ppl ratio | quant time ratio | peak RSS ratio |",
               "|---|---|---:|---:|---:|"]
     by = {(r["setting"], r["tool_key"]): r for r in rows}
@@ -300,6 +326,7 @@ def render(result: dict, results: Path) -> None:
             a, p = by.get((s, ours)), by.get((s, peer))
             if not a or not p or not a.get("ppl") or not p.get("ppl"):
                 continue
+            full = full and a.get("run", 0) == p.get("run", 0)
             t = f"{a['quant_s'] / p['quant_s']:.2f}" if full else "-"
             m = f"{a['peak_rss_mib'] / p['peak_rss_mib']:.2f}" if full else "-"
             lines.append(f"| {s} | {a['tool']} vs {p['tool']} | {a['ppl'] / p['ppl']:.4f} | {t} | {m} |")

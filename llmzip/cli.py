@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 = per-channel (default: 128)")
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
-    q.add_argument("--clip-search", action="store_true", help="MSE-optimal range clipping per group")
+    q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="search clipped ranges per group (default: on for gptq, where the error is the layer "
+                        "output's; off for rtn, where it is the weights'; AWQ methods have their own)")
     q.add_argument("--clip-grid", type=int, default=20, help="shrink ratios tried by --clip-search (default: 20)")
     q.add_argument("--ignore", action="append", default=None, metavar="REGEX",
                    help="keep matching Linear layers in full precision (repeatable; default: lm_head)")

@@ -20,14 +20,15 @@ def _names(text: str | None) -> list[str]:
 def quantize(args) -> int:
     from .api import quantize as run
     from .calibration import CalibConfig
-    from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme
+    from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme, clip_by_default
 
+    clip = clip_by_default(args.method) if args.clip_search is None else args.clip_search
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
-        clip=ClipSearch(grid=args.clip_grid) if args.clip_search else None,
+        clip=ClipSearch(grid=args.clip_grid) if clip else None,
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
         kv_cache=args.kv_cache,
     )

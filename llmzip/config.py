@@ -152,6 +152,11 @@ class AWQSettings:
             raise ConfigError(f"AWQ settings must be positive: {self}")
 
 
+def clip_by_default(method: str) -> bool:
+    """Whether `method` searches clipped ranges unless told otherwise (QuantConfig.clip)."""
+    return method == "gptq"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything `llmzip.quantize` needs to know.
@@ -160,14 +165,17 @@ class QuantConfig:
         "awq" (activation-aware scales + clipping, then RTN), "awq+gptq" (AWQ scales,
         then GPTQ rounding).
     weights: the WeightScheme applied to every quantized Linear.
-    clip: MSE clipping search, or None for plain min/max ranges.
+    clip: range clipping search, None for plain min/max ranges, or "auto" (the
+        default): on for "gptq", whose search weighs each candidate by the layer-output
+        error e H e^T; off for "rtn" (its search is on weight MSE, opt in) and for the
+        AWQ methods (AWQ runs its own output-aware clip search, `AWQSettings.clip`).
     ignore: regexes (re.search on the module name) of Linears kept in full precision.
         Embeddings are never quantized (they are not Linear layers).
     """
 
     method: str = "rtn"
     weights: WeightScheme = field(default_factory=WeightScheme)
-    clip: ClipSearch | None = None
+    clip: ClipSearch | None | str = "auto"
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     awq: AWQSettings = field(default_factory=AWQSettings)
@@ -181,6 +189,10 @@ class QuantConfig:
             raise ConfigError(
                 f"method '{self.method}' is not available: choose one of {', '.join(METHODS)}"
             )
+        if self.clip == "auto":
+            object.__setattr__(self, "clip", ClipSearch() if clip_by_default(self.method) else None)
+        elif not (self.clip is None or isinstance(self.clip, ClipSearch)):
+            raise ConfigError(f"clip={self.clip!r}: use a ClipSearch, None or 'auto'")
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(
                 self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)

@@ -105,19 +105,33 @@ def minmax_qparams(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dty
 
 
 def mse_clip_qparams(
-    w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype, clip: ClipSearch
+    w: torch.Tensor,
+    scheme: WeightScheme,
+    scale_dtype: torch.dtype,
+    clip: ClipSearch,
+    hessian: torch.Tensor | None = None,
 ):
     """Per group, shrink the min/max range by each ratio of `clip` and keep the one
-    with the lowest sum |w - dq(q(w))|^norm. Ratio 1.0 is always tried, so the result
-    is never worse than `minmax_qparams` on that objective."""
+    with the lowest error. Ratio 1.0 is always tried, so the result is never worse
+    than `minmax_qparams` on that objective.
+
+    The error is sum |w - dq(q(w))|^norm over the group, or, with `hessian` [in, in]
+    (one group spanning all of w's columns), the layer-output error e H e^T of each
+    row e = w - dq: clipping then spares the columns that see large inputs.
+    """
     wg = _grouped(w, scheme)
+    if hessian is not None and wg.shape[1] != 1:
+        raise ValueError("a Hessian-weighted clip search takes one group spanning w's columns")
     lo, hi = wg.amin(-1), wg.amax(-1)
     best_err = best_scale = best_zero = None
     for r in clip.ratios():
         scale, zero = qparams_from_range(lo * r, hi * r, scheme, scale_dtype)
         q = quantize(w, scale, zero, scheme)
-        dq = dequantize(q, scale, zero, scheme.group_size, torch.float32)
-        err = (_grouped(dq, scheme) - wg).abs().pow(clip.norm).sum(-1)
+        e = dequantize(q, scale, zero, scheme.group_size, torch.float32) - w.float()
+        if hessian is None:
+            err = _grouped(e, scheme).abs().pow(clip.norm).sum(-1)
+        else:
+            err = ((e @ hessian) * e).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
             continue

@@ -77,3 +77,15 @@ def test_bad_method_and_regex_rejected():
 def test_config_round_trips_through_dict():
     c = QuantConfig(weights=WeightScheme(3, None, False), clip=ClipSearch(grid=7), ignore=("lm_head", "gate"))
     assert QuantConfig.from_dict(c.to_dict()) == c
+
+
+def test_clip_search_default_per_method():
+    """'auto': on for gptq (Hessian-weighted), off for rtn and the AWQ methods; explicit wins."""
+    assert QuantConfig(method="gptq").clip == ClipSearch()
+    assert QuantConfig(method="rtn").clip is None
+    assert QuantConfig(method="awq").clip is None and QuantConfig(method="awq+gptq").clip is None
+    assert QuantConfig(method="gptq", clip=None).clip is None
+    c = QuantConfig(method="gptq")
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="clip="):
+        QuantConfig(clip="on")

@@ -4,6 +4,9 @@ Runs inside llm-compressor's own virtualenv (see bench/setup_peers.sh), model in
     python peers/llmcompressor_awq.py MODEL_DIR OUT_DIR --calib IDS.npy --bits 4 --group-size 64
 AWQ settings are the tool's defaults (mappings inferred from the model, duo scaling, 20-point
 grid); symmetric int weights, lm_head kept. Calibration data as in llmcompressor_gptq.py.
+llm-compressor 0.14 pins its cached activations in page-locked memory for faster host-to-GPU
+copies, and on a machine without an accelerator the pinning itself raises; this script turns the
+pinning off (a no-op without a GPU, where no copy happens) and changes nothing else.
 Prints one JSON line: {"seconds": quantize + save, excluding model load, "version", "calibration"}.
 """
 
@@ -20,6 +23,11 @@ from llmcompressor.modifiers.transform.awq import AWQModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import calib_ids
+
+if not torch.cuda.is_available():
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
 
 p = argparse.ArgumentParser()
 p.add_argument("model")

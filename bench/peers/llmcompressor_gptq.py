@@ -3,7 +3,8 @@
 Runs inside llm-compressor's own virtualenv (see bench/setup_peers.sh), model in bf16 on CPU:
     python peers/llmcompressor_gptq.py MODEL_DIR OUT_DIR --calib IDS.npy --bits 4 --group-size 64
 GPTQ settings are the tool's defaults except: dampening 0.01, block 128, act-order off
-(the same as llmzip's). Symmetric int weights, lm_head kept. The ids go in as an already
+(the same as llmzip's), or --actorder weight (columns in descending Hessian diagonal order with
+static groups, no g_idx in the checkpoint: llmzip's --act-order; llm-compressor's own default). Symmetric int weights, lm_head kept. The ids go in as an already
 tokenized dataset, in file order (no shuffling), truncated to nothing (rows are seq_len long).
 Prints one JSON line: {"seconds": quantize + save, excluding model load, "version", "calibration":
 what the model's embedding actually saw, see calib_ids.Recorder}.
@@ -28,6 +29,7 @@ p.add_argument("out")
 p.add_argument("--calib", required=True, help="int64 .npy [samples, seq_len] written by the driver")
 p.add_argument("--bits", type=int, default=4)
 p.add_argument("--group-size", type=int, default=64)
+p.add_argument("--actorder", choices=["weight"], default=None)
 a = p.parse_args()
 
 ids, _ = calib_ids.load(a.calib)
@@ -40,7 +42,7 @@ weights = QuantizationArgs(
 )
 recipe = GPTQModifier(
     config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"],
-    block_size=128, dampening_frac=0.01, actorder=None,
+    block_size=128, dampening_frac=0.01, actorder=a.actorder,
 )
 rec = calib_ids.Recorder(model)
 t0 = time.perf_counter()

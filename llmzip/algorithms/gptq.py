@@ -24,6 +24,11 @@ class HessianAccumulator:
 
     H is symmetric, so each add computes only the block rows of its upper triangle
     (about 60% of the multiply-adds of a full x^T x); `H` mirrors it when read.
+
+    bf16 activations on CPU are multiplied in bf16: the products of bf16 values are
+    exact in the GEMM's fp32 accumulator, so the only extra rounding is that of each
+    call's partial sum to bf16 (2^-9 relative) before it is added into the fp32 total,
+    for twice the speed of an fp32 GEMM there. Other inputs are multiplied in fp32.
     """
 
     BLOCK = 128
@@ -34,25 +39,29 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """x: [..., in_features] activations entering the Linear layer."""
-        x = x.reshape(-1, x.shape[-1]).to(self._upper.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self._upper.device)
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+            x = x.float()
         m = x.shape[0]
         self._upper *= self.n / (self.n + m)
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
+        alpha = 2.0 / self.n
         for i in range(0, x.shape[1], self.BLOCK):
-            self._upper[i:i + self.BLOCK, i:].addmm_(x[:, i:i + self.BLOCK].t(), x[:, i:])
+            part = torch.mm(x[:, i:i + self.BLOCK].t(), x[:, i:])
+            self._upper[i:i + self.BLOCK, i:].add_(part, alpha=alpha)
 
     @property
     def H(self) -> torch.Tensor:
         return torch.triu(self._upper) + torch.triu(self._upper, 1).t()
 
 
-def _group_qparams(w: torch.Tensor, scheme: WeightScheme, dtype, clip: ClipSearch | None):
-    """(scale, zero) [out, 1] for one block of columns w [out, k] treated as one group."""
+def _group_qparams(w: torch.Tensor, scheme: WeightScheme, dtype, clip: ClipSearch | None, H: torch.Tensor):
+    """(scale, zero) [out, 1] for one block of columns w [out, k] treated as one group;
+    H [k, k]: the Hessian block of those columns, which weighs the clip search's error."""
     one = WeightScheme(scheme.bits, None, scheme.symmetric)
     if clip is None:
         return minmax_qparams(w, one, dtype)
-    return mse_clip_qparams(w, one, dtype, clip)
+    return mse_clip_qparams(w, one, dtype, clip, hessian=H)
 
 
 def _inverse_hessian_chol(H: torch.Tensor, settings: GPTQSettings) -> tuple[torch.Tensor, float]:
@@ -102,12 +111,13 @@ def gptq(
     W[:, dead] = 0.0
 
     # Per-channel: one group, fixed up front. Grouped: computed below, per group.
-    static = _group_qparams(W, scheme, dtype, clip) if scheme.group_size is None else None
+    static = _group_qparams(W, scheme, dtype, clip, H) if scheme.group_size is None else None
     perm = None
     if settings.act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         if settings.static_groups and scheme.group_size is not None:
-            groups = [_group_qparams(W[:, g * G:(g + 1) * G], scheme, dtype, clip) for g in range(n_groups)]
+            groups = [_group_qparams(W[:, g * G:(g + 1) * G], scheme, dtype, clip, H[g * G:(g + 1) * G, g * G:(g + 1) * G])
+                      for g in range(n_groups)]
         W, H = W[:, perm], H[perm][:, perm]
 
     U, damp = _inverse_hessian_chol(H, settings)
@@ -134,7 +144,7 @@ def gptq(
                 g = c // G
                 if c % G == 0:
                     block = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :G]
-                    s, z = _group_qparams(block, scheme, dtype, clip)
+                    s, z = _group_qparams(block, scheme, dtype, clip, H[c:c + G, c:c + G])
                     g_now = None
             if g != g_now:  # a new group's (scale, zero): record them once
                 g_now = g
