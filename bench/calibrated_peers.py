@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / ".work"))
     ap.add_argument("--results", default=str(HERE / "results"), help="where the .json and .md go")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json in --results")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse rows already measured in WORK/rows (same calibration) instead of measuring again")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of other settings/tools already in --results (same calibration and "
                          "protocol required); rows of this run replace rows with the same setting and tool")
@@ -214,15 +216,27 @@ def main() -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    run = {"id": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+           "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]), "llmzip": llmzip.__version__}
     calib = write_calibration(base, work, args.samples, args.seq_len)
     print("calibration", calib, flush=True)
-    # Phase 1: every quantization, back to back, so their timings share quiet conditions.
+    # Phase 1: every quantization, back to back, so their timings share quiet conditions. Each
+    # measured row is also kept in WORK/rows/, so that --reuse can pick up an interrupted run.
     rows = [{"setting": "bf16", "tool": "-", "tool_key": "bf16", "dir": str(base), "quant_s": None,
              "peak_rss_mib": None, "bits_per_weight": 16.0, "bits_note": None, "calib_check": None,
-             "skipped": None, "run": 0}]
+             "skipped": None, "run": run}]
+    (work / "rows").mkdir(exist_ok=True)
     for s in settings:
         for t in tools:
-            rows.append({**quantize(t, s, base, work, calib, llmzip.__version__), "run": 0})
+            kept = work / "rows" / f"{t}-{s.replace(' ', '_')}.json"
+            old = json.loads(kept.read_text()) if args.reuse and kept.is_file() else None
+            if old and old.get("calib_digest") == calib["digest"] and Path(old["dir"]).is_dir():
+                rows.append(old)
+                print("reused", kept, flush=True)
+                continue
+            rows.append({**quantize(t, s, base, work, calib, llmzip.__version__), "run": run,
+                         "calib_digest": calib["digest"]})
+            kept.write_text(json.dumps(rows[-1], indent=1))
             print({k: rows[-1][k] for k in ("setting", "tool", "quant_s", "peak_rss_mib", "bits_per_weight",
                                             "calib_check", "skipped")}, flush=True)
     # Phase 2: perplexity of every checkpoint with one protocol (llmzip loads the peers' too).
@@ -252,9 +266,7 @@ def main() -> None:
         "ppl_protocol": f"llmzip eval ppl --data wiki --ctx 2048 --max-windows {args.max_windows} "
                         f"({b.get('eval_tokens')} scored tokens, {b.get('eval_dtype')})",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}",
-        "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]),
-        "runs": [{"command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]),
-                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "llmzip": llmzip.__version__}],
+        "command": run["command"],
         "rows": rows,
     }
     old_file = results / f"{NAME}.json"
@@ -263,15 +275,13 @@ def main() -> None:
         same = old["calibration"]["digest"] == calib["digest"] and old["ppl_protocol"] == result["ppl_protocol"]
         if not same:
             raise SystemExit(f"--merge: {old_file} used other calibration or ppl protocol; not merging")
-        runs = old.get("runs") or [{"command": old["command"], "date": None}]
-        for r in rows:
-            r["run"] = len(runs)
+        earlier = {"id": "earlier", "command": old["command"]}  # results written before rows named their run
         mine = {(r["setting"], r["tool_key"]) for r in rows}
-        kept = [{"run": 0, **r} for r in old["rows"] if (r["setting"], r["tool_key"]) not in mine]
+        kept = [r if isinstance(r.get("run"), dict) else {**r, "run": earlier}
+                for r in old["rows"] if (r["setting"], r["tool_key"]) not in mine]
         order = {k: i for i, k in enumerate([*SETTINGS, *TOOLS])}
         result["rows"] = [rows[0]] + sorted([r for r in kept if r["tool_key"] != "bf16"] + rows[1:],
                                             key=lambda r: (order[r["setting"]], order[r["tool_key"]]))
-        result["runs"] = runs + result["runs"]
         result["command"] = old["command"] + " ; " + result["command"]
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -280,6 +290,12 @@ def main() -> None:
 
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _run(row: dict, first_command: str = "") -> dict:
+    """The run that measured a row: {"id": start time, "command"} (older results: their first command)."""
+    r = row.get("run")
+    return r if isinstance(r, dict) else {"id": "earlier", "command": first_command}
 
 
 def render(result: dict, results: Path) -> None:
@@ -293,9 +309,11 @@ def render(result: dict, results: Path) -> None:
              f"Perplexity: {result['ppl_protocol']}. Machine: {result['machine']}.",
              "quant s = wall time of the whole quantize process (start-up + load + calibrate + quantize + "
              "save), the rows of one run back to back; peak RSS of that process. Runs (column `run`):", ""]
-    runs = result.get("runs") or [{"command": result["command"], "date": None}]
-    lines += [f"{i}. `{r['command']}`" + (f" ({r['date']}, llmzip {r['llmzip']})" if r.get("date") else "")
-              for i, r in enumerate(runs)]
+    first = result["command"].split(" ; ")[0]
+    runs = list({_run(r, first)["id"]: _run(r, first) for r in rows}.values())
+    index = {r["id"]: i for i, r in enumerate(runs, 1)}
+    lines += [f"{index[r['id']]}. `{r['command']}`" + ("" if r["id"] == "earlier" else f" (started {r['id']})")
+              for r in runs]
     lines += ["", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB | run |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
@@ -305,10 +323,10 @@ def render(result: dict, results: Path) -> None:
             notes.append(f"{r['setting']}, {r['tool']}: `{r['skipped']}`")
             ppl = f"skipped [{len(notes)}]"
             lines.append(f"| {r['setting']} | {r['tool']} | {ppl} | - | {bpw} | "
-                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {r.get('run', 0)} |")
+                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {index[_run(r)['id']]} |")
             continue
         lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {bpw} | "
-                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {r.get('run', 0)} |")
+                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {index[_run(r)['id']]} |")
     if any(r.get("bits_note") for r in rows):
         note = next(r["bits_note"] for r in rows if r.get("bits_note"))
         lines += ["", f"\\* HQQ bits/weight is {note}; llmzip and llm-compressor are symmetric "
@@ -326,7 +344,7 @@ def render(result: dict, results: Path) -> None:
             a, p = by.get((s, ours)), by.get((s, peer))
             if not a or not p or not a.get("ppl") or not p.get("ppl"):
                 continue
-            full = full and a.get("run", 0) == p.get("run", 0)
+            full = full and _run(a)["id"] == _run(p)["id"]
             t = f"{a['quant_s'] / p['quant_s']:.2f}" if full else "-"
             m = f"{a['peak_rss_mib'] / p['peak_rss_mib']:.2f}" if full else "-"
             lines.append(f"| {s} | {a['tool']} vs {p['tool']} | {a['ppl'] / p['ppl']:.4f} | {t} | {m} |")

@@ -8,7 +8,11 @@ read back quantized (int8/fp8 have no residual: every token, the current chunk's
 FP8 uses static scales calibrated exactly as `llmzip quantize --kv-cache fp8` does (max
 |K|, |V| over the calibration samples / 448) on the model being measured.
 
-    LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/kv_cache.py --w4 DIR [--windows 2]
+With --hf-peers, the same windows also go through transformers' own QuantizedCache
+(backends quanto and hqq at 4 and 2 bits, residual 128, group 32; and its per-tensor fp8)
+with bf16 weights, in the hqq virtualenv (bench/setup_peers.sh, peers/hf_quantized_cache.py).
+
+    LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/kv_cache.py --w4 DIR [--windows 2] [--hf-peers]
 
 Writes bench/results/kv_cache.{json,md}.
 """
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +31,35 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+PEERS = [("quanto", 4), ("hqq", 4), ("quanto", 2), ("hqq", 2), ("fp8", 8)]
+
+
+def peer_rows(model_dir: str, ids, spans, args, base_bytes: float) -> list[dict]:
+    """transformers QuantizedCache rows over the same windows (bf16 weights), each in the hqq venv."""
+    import numpy as np
+
+    py = HERE / ".venvs" / "hqq" / "bin" / "python"
+    work = HERE / ".work"
+    work.mkdir(exist_ok=True)
+    path = work / "kv_windows.npy"
+    np.save(path, torch.stack([ids[s:e] for s, e, _ in spans]).numpy().astype(np.int64))
+    rows = []
+    for backend, bits in PEERS:
+        name = f"transformers {backend} " + ("per-tensor" if backend == "fp8" else f"int{bits} r128 g32")
+        cmd = [str(py), str(HERE / "peers" / "hf_quantized_cache.py"), model_dir, str(path), "--backend", backend,
+               "--nbits", str(bits), "--residual", "128", "--group", "32", "--chunk", str(args.chunk)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        row = {"weights": "bf16", "kv": name, "ppl": None, "seconds": None, "bytes_per_token_per_layer": None,
+               "bytes_ratio": None, "protocol": f"transformers QuantizedCache, chunk {args.chunk}"}
+        if done.returncode != 0:
+            row["skipped"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        else:
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            row.update(ppl=round(res["ppl"], 4), seconds=res["seconds"], versions=res["versions"],
+                       scored_tokens=res["tokens"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r32", {"residual": 32}),
            ("int4 r128", {"residual": 128}), ("int4 r128 g64", {"residual": 128, "group": 64}),
            ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
@@ -34,7 +68,7 @@ SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r3
 def main() -> None:
     from llmzip.calibration import CalibConfig, calibration_ids
     from llmzip.data import load_text
-    from llmzip.eval.perplexity import perplexity, tokenize
+    from llmzip.eval.perplexity import perplexity, tokenize, windows
     from llmzip.kv_cache import KVCacheConfig, attach_fp8_scales, bytes_per_token, calibrate_fp8_scales
     from llmzip.models import demo_checkpoint, load_for_eval
 
@@ -44,6 +78,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--hf-peers", action="store_true", help="add transformers QuantizedCache rows (hqq venv)")
     ap.add_argument("--out", default=str(HERE / "results" / "kv_cache"))
     args = ap.parse_args()
 
@@ -64,18 +99,25 @@ def main() -> None:
             per_layer = bytes_per_token(cfg, mc.num_key_value_heads, head_dim)
             rows.append({"weights": weights, "kv": name, "ppl": round(res.ppl, 4), "seconds": round(time.perf_counter() - t0, 1),
                          "bytes_per_token_per_layer": per_layer, "bytes_ratio": round(per_layer / base_bytes, 4),
-                         "protocol": res.kv_cache})
+                         "protocol": res.kv_cache, "scored_tokens": res.tokens})
             print(json.dumps(rows[-1]), flush=True)
+        if args.hf_peers and weights == "bf16":
+            spans = windows(ids.numel(), args.ctx, None)[:args.windows]
+            for r in peer_rows(path, ids, spans, args, base_bytes):
+                if r.get("scored_tokens") not in (None, rows[0]["scored_tokens"]):
+                    raise SystemExit(f"{r['kv']}: scored {r['scored_tokens']} tokens, llmzip {rows[0]['scored_tokens']}")
+                rows.append(r)
     for r in rows:
         base = next(b for b in rows if b["weights"] == r["weights"] and b["kv"] == "bf16")
-        r["ppl_vs_bf16_kv"] = round(r["ppl"] / base["ppl"], 4)
+        r["ppl_vs_bf16_kv"] = None if r["ppl"] is None else round(r["ppl"] / base["ppl"], 4)
     meta = {"model": "SmolLM2-135M", "ctx": args.ctx, "windows": args.windows, "chunk": args.chunk,
             "calib_samples": args.calib_samples, "torch": torch.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "command": " ".join(sys.argv)}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| weights | KV cache | ppl | ppl / bf16 KV | KV bytes/token/layer | vs bf16 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['weights']} | {r['kv']} | {r['ppl']} | {r['ppl_vs_bf16_kv']} | {r['bytes_per_token_per_layer']} | "
-              f"{r['bytes_ratio']} |" for r in rows]
+    lines += [f"| {r['weights']} | {r['kv']} | {r['ppl'] if r['ppl'] is not None else 'skipped: ' + r['skipped']} | "
+              f"{r['ppl_vs_bf16_kv'] or '-'} | {r['bytes_per_token_per_layer'] or '-'} | {r['bytes_ratio'] or '-'} |"
+              for r in rows]
     Path(args.out + ".md").write_text(
         f"# KV-cache quantization, SmolLM2-135M\n\nppl on {args.windows} windows of {args.ctx} tokens (wiki), cache "
         f"fed {args.chunk} tokens at a time; FP8 scales calibrated on {args.calib_samples} x 512 'lee' tokens.\n\n"

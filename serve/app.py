@@ -152,16 +152,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     async def _events(request: Request, queue: asyncio.Queue, ids: list[int]):
         metrics.requests += len(ids)
-        left, deadline = len(ids), time.monotonic() + request_timeout
+        left, deadline, next_check = len(ids), time.monotonic() + request_timeout, 0.0
         try:
             while left:
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                # Checked on every event, not only when the queue is idle: a request that keeps
+                # producing tokens must still time out, and a non-streamed one notice its client leaving.
+                now = time.monotonic()
+                if now > deadline:
+                    raise APIError(504, f"request timed out after {request_timeout:g} s", "server_error")
+                if now >= next_check:
+                    next_check = now + 0.25
                     if await request.is_disconnected():
                         return
-                    if time.monotonic() > deadline:
-                        raise APIError(504, f"request timed out after {request_timeout:g} s", "server_error")
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), timeout=min(0.25, deadline - now))
+                except asyncio.TimeoutError:
                     continue
                 if ev.finish_reason == "error":
                     raise APIError(500, "the engine failed while running this request", "server_error")

@@ -11,7 +11,8 @@ So requests join and leave the running batch at every step, and a long prompt is
 prefilled in pieces between decode steps instead of stalling them.
 
 Each forward pass is the model's own (`model(input_ids, position_ids, attention_mask,
-cache)`), with a 4-D mask that lets each row see exactly its own positions, and a
+cache)`), or for Llama-family models the same function with fewer operations
+(serve/lean.py), with a 4-D mask that lets each row see exactly its own positions, and a
 `StepCache` that writes new K/V into the pool and reads the rows' pages back. The
 quantized Linears inside run whatever kernel `llmzip.checkpoint.load` chose.
 Greedy decoding takes the argmax of fp32 logits, like `model.generate`.
@@ -33,6 +34,7 @@ import torch
 from llmzip.kv_cache import cache_kwarg
 
 from .kv_pool import KVPool, StepCache, paged_step, register_paged_attention
+from .lean import lean_model
 from .sampling import SamplingParams, sample
 
 log = logging.getLogger("llmzip.serve")
@@ -85,6 +87,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     max_queue: int = 256
     attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
+    forward: str = "auto"  # "lean" (serve/lean.py, Llama-family), "model" (the model's own forward), "auto"
 
 
 class Engine:
@@ -108,6 +111,11 @@ class Engine:
         if self.paged:
             register_paged_attention()
         self._cache_kw = cache_kwarg(model)
+        if config.forward not in ("auto", "lean", "model"):
+            raise ValueError(f"forward {config.forward!r}: choose auto, lean or model")
+        self.lean = lean_model(model) if config.forward != "model" else None
+        if config.forward == "lean" and self.lean is None:
+            raise ValueError(f"the lean forward pass does not cover model type {model.config.model_type!r}")
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -247,6 +255,8 @@ class Engine:
         paged = self.paged and positions.shape[1] == 1
         lengths = (positions[:, 0] + 1).to(dev) if paged else None
         cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev), lengths)
+        if self.lean is not None and not paged:
+            return self.lean(ids.to(dev), positions.to(dev), mask.to(dev), cache)
         with paged_step(self.model, cache) if paged else contextlib.nullcontext():
             out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask.to(dev),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})

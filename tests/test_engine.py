@@ -183,3 +183,70 @@ def test_paged_int8_attention_kernel_decodes_like_the_gather_path(monkeypatch):
     # Every decode step calls it once per layer (2); each sequence needs 8 (its first token comes from prefill).
     assert len(calls) % 2 == 0 and len(calls) >= 2 * 8
     assert model.config._attn_implementation != "llmzip_paged_int8"  # restored after each step
+
+
+def _tiny(arch: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+    if arch == "llama":
+        return tiny_llama(dtype=dtype)
+    cfg = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    if arch == "qwen2":  # random biases, so that the fused q/k/v bias is exercised
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(lin.bias, std=0.5)
+    return model
+
+
+def _step_logits(eng, prompts):
+    """Prefill each prompt alone, then one batched decode step: the logits of both."""
+    from llmzip.serve.engine import Sequence
+
+    seqs = []
+    for p in prompts:
+        s = Sequence(0, p, SamplingParams(), lambda e: None)
+        s.pages = eng.pool.allocate(eng.pool.pages_for(len(p) + 1))
+        seqs.append(s)
+    with torch.inference_mode():
+        pre = torch.cat([eng._forward(torch.tensor([s.prompt]), torch.arange(len(s.prompt))[None], [s]) for s in seqs])
+        dec = eng._forward(torch.tensor([[7]] * len(seqs)), torch.tensor([[len(s.prompt)] for s in seqs]), seqs)
+    return pre.float(), dec.float()
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "w4"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_lean_forward_matches_the_models_own(arch, quantized):
+    """serve/lean.py (fused q/k/v and gate/up, one RoPE over q and k, fused RMSNorm) gives the
+    model's own logits to fp32 rounding (relative 1e-5), prefill and batched decode, and the
+    model's own forward still computes the same function afterwards (its Linears are views)."""
+    from llmzip.api import quantize_model
+
+    model = _tiny(arch)
+    if quantized:
+        quantize_model(model, QuantConfig(weights=WeightScheme(4, 32)), progress=False)
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 19, 11)]
+    before = _step_logits(Engine(model, Tok(), EngineConfig(forward="model", page=4, max_model_len=128)), prompts)
+    lean = Engine(model, Tok(), EngineConfig(forward="lean", page=4, max_model_len=128))
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in lean.lean.layers)
+    got = _step_logits(lean, prompts)
+    after = _step_logits(Engine(model, Tok(), EngineConfig(forward="model", page=4, max_model_len=128)), prompts)
+    for ref, x, y in zip(before, got, after):
+        scale = ref.abs().max().item()
+        assert (x - ref).abs().max().item() < 1e-5 * scale
+        assert torch.equal(y, ref)
+
+
+def test_lean_forward_is_not_used_for_other_architectures():
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    phi = AutoModelForCausalLM.from_config(Phi3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                                      num_attention_heads=4, vocab_size=512, pad_token_id=0,
+                                                      bos_token_id=1, eos_token_id=2)).eval()
+    assert Engine(phi, Tok(), EngineConfig()).lean is None
+    with pytest.raises(ValueError, match="lean forward pass does not cover model type 'phi3'"):
+        Engine(phi, Tok(), EngineConfig(forward="lean"))

@@ -214,3 +214,4 @@ def test_disconnects_free_their_slots(served):
     assert engine.stats["aborted"] - aborted == 100  # every one cancelled, none ran to its 200 tokens
     _, text = raw(srv.port, "GET", "/metrics", key=None)
     assert "llmzip_kv_pages_used 0.0" in text
+
