@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = [("quanto", 4), ("hqq", 4), ("quanto", 2), ("hqq", 2), ("fp8", 8)]
 
 
-def peer_rows(model_dir: str, ids, spans, args, base_bytes: float) -> list[dict]:
+def peer_rows(model_dir: str, ids, spans, args) -> list[dict]:
     """transformers QuantizedCache rows over the same windows (bf16 weights), each in the hqq venv."""
     import numpy as np
 
@@ -103,7 +103,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         if args.hf_peers and weights == "bf16":
             spans = windows(ids.numel(), args.ctx, None)[:args.windows]
-            for r in peer_rows(path, ids, spans, args, base_bytes):
+            for r in peer_rows(path, ids, spans, args):
                 if r.get("scored_tokens") not in (None, rows[0]["scored_tokens"]):
                     raise SystemExit(f"{r['kv']}: scored {r['scored_tokens']} tokens, llmzip {rows[0]['scored_tokens']}")
                 rows.append(r)

@@ -31,6 +31,11 @@ from .surgery import set_module
 
 log = logging.getLogger("llmzip")
 
+# Calibration samples are run through a layer in batches of about this many tokens:
+# fewer, larger GEMMs (and Hessian updates) than one sample at a time, with activations
+# still small next to a layer's weights.
+FORWARD_TOKENS = 2048
+
 
 class _Caught(Exception):
     pass
@@ -48,6 +53,19 @@ class _Catcher(nn.Module):
         if not self.kwargs:
             self.kwargs.update(kwargs)
         raise _Caught
+
+
+def batched(samples: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """Concatenate runs of consecutive [1, L, d] samples of the same shape into batches of
+    at most max(1, tokens // L) samples (the kwargs broadcast over the batch)."""
+    runs: list[list[torch.Tensor]] = []
+    for x in samples:
+        run = runs[-1] if runs else None
+        if run and run[0].shape == x.shape and (len(run) + 1) * x.shape[1] <= max(tokens, x.shape[1]):
+            run.append(x)
+        else:
+            runs.append([x])
+    return [torch.cat(run) if len(run) > 1 else run[0] for run in runs]
 
 
 def _first(out):
@@ -116,6 +134,7 @@ def calibrate_model(
         checkpoints.start()
     # The kwargs (rotary tables, mask) depend only on the sequence length.
     inputs, kwargs = capture_inputs(model, layers, ids[:1] if saved else ids, device)
+    inputs = batched(inputs, FORWARD_TOKENS)
     if saved:
         log.info("resume: %d of %d layers restored from %s", done, len(layers), checkpoints.dir)
         for i in range(done):

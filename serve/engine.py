@@ -60,7 +60,7 @@ class Event:
     completion_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # one request: compared (in, remove) by identity
 class Sequence:
     id: int
     prompt: list[int]

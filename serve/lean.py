@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from llmzip.quant_linear import QuantLinear
 
@@ -104,11 +105,6 @@ def _norm(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
     return mod.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _Layer:
     def __init__(self, layer, hq: int, hkv: int, head_dim: int):
         attn, mlp = layer.self_attn, layer.mlp
@@ -136,7 +132,7 @@ class _Layer:
                             _norm(qkv[:, :, self.hq:self.hq + self.hkv], self.k_norm)], dim=2)
         else:
             qk = qkv[:, :, :self.hq + self.hkv]
-        qk = qk * cos + _rotate_half(qk) * sin
+        qk = qk * cos + rotate_half(qk) * sin
         q = qk[:, :, :self.hq].transpose(1, 2)  # [rows, Hq, t, D]
         k = qk[:, :, self.hq:].transpose(1, 2)
         v = qkv[:, :, self.hq + self.hkv:].transpose(1, 2)

@@ -8,7 +8,9 @@ from llmzip.algorithms import rtn
 from llmzip.algorithms.gptq import HessianAccumulator, gptq
 from llmzip.api import quantize_model
 from llmzip.config import ClipSearch, ConfigError, GPTQSettings, QuantConfig, WeightScheme
+from llmzip import primitives
 from llmzip.primitives import dequantize, minmax_qparams, mse_clip_qparams, quantize
+from llmzip import sequential
 from llmzip.sequential import calibrate_model
 from llmzip.surgery import targets
 
@@ -71,6 +73,23 @@ def test_hessian_weighted_clip_search_never_worse_on_output_error():
     assert bool((weighted <= plain * (1 + 1e-5)).all())
     assert weighted.sum() < 0.8 * plain.sum()  # measured 0.72
     assert weighted.sum() < 0.85 * by_weight.sum()  # measured 0.78
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_bf16_screened_clip_search_matches_fp32_search(bits, monkeypatch):
+    """On CPU a large Hessian's clip search screens ratios with a bf16 e @ H: its picks
+    must score (exact e H e^T, summed over rows) within 0.5% of the all-fp32 search's."""
+    W, X, H = _problem(in_f=512, seed=5)
+    one = WeightScheme(bits, None)
+
+    def total_err(scale):
+        e = dequantize(quantize(W, scale, None, one), scale, None, None, torch.float32) - W
+        return ((e @ H) * e).sum().item()
+
+    screened = total_err(mse_clip_qparams(W, one, torch.float32, ClipSearch(grid=20), hessian=H)[0])
+    monkeypatch.setattr(primitives, "BF16_SCREEN_MIN", 10**9)
+    exact = total_err(mse_clip_qparams(W, one, torch.float32, ClipSearch(grid=20), hessian=H)[0])
+    assert abs(screened - exact) <= 0.005 * exact, (screened, exact)  # measured: equal at 3 and 4 bits
 
 
 @pytest.mark.parametrize("scheme", [WeightScheme(3, None), WeightScheme(3, 64)], ids=["w3ch", "w3g64"])
@@ -243,3 +262,27 @@ def test_row_chunks_bound_rows_and_keep_order():
 
     names = {n: torch.nn.Linear(4, rows) for n, rows in [("a", 5000), ("b", 3000), ("c", 300), ("d", 9000)]}
     assert _row_chunks(list(names), names) == [["a", "b"], ["c"], ["d"]]
+
+
+def test_batched_groups_consecutive_samples_by_token_budget():
+    xs = [torch.full((1, 64, 8), float(i)) for i in range(7)] + [torch.zeros(1, 32, 8)]
+    out = sequential.batched(xs, 256)
+    assert [tuple(x.shape) for x in out] == [(4, 64, 8), (3, 64, 8), (1, 32, 8)]
+    assert torch.equal(torch.cat(out[:2])[:, 0, 0], torch.arange(7.0))  # order kept
+    assert [x.shape[0] for x in sequential.batched(xs[:2], 16)] == [1, 1]  # a sample longer than the budget
+
+
+def test_batched_calibration_matches_one_sample_at_a_time(monkeypatch):
+    """Layer passes over batches of samples quantize like passes over single samples
+    (fp32: only the summation order of the Hessian differs)."""
+    ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(method="gptq", weights=WeightScheme(4, 32))
+    codes = {}
+    for tokens in (64, 1024):  # 1 sample per pass, then 16
+        monkeypatch.setattr(sequential, "FORWARD_TOKENS", tokens)
+        model = tiny_llama(dtype=torch.float32)
+        names, _ = targets(model, cfg)
+        calibrate_model(model, cfg, ids, names, progress=False)
+        codes[tokens] = torch.cat([v.flatten() for k, v in model.state_dict().items() if k.endswith("weight_packed")])
+    same = (codes[64] == codes[1024]).float().mean().item()  # int32 words of 8 codes each
+    assert same > 0.99, same  # measured 1.0 (every word equal)

@@ -215,3 +215,24 @@ def test_disconnects_free_their_slots(served):
     _, text = raw(srv.port, "GET", "/metrics", key=None)
     assert "llmzip_kv_pages_used 0.0" in text
 
+
+
+def test_request_timeout_answers_504_and_frees_the_slot(served):
+    _, engine = served
+    srv = Server(create_app(engine, NAME, api_key=KEY, request_timeout=0.5))
+    try:
+        aborted = engine.stats["aborted"]
+        t0 = time.time()
+        status, body = raw(srv.port, "POST", "/v1/completions",
+                           {"model": NAME, "prompt": "Tell me a long story", "max_tokens": 200, "temperature": 0,
+                            "ignore_eos": True})
+        assert status == 504 and "timed out" in body["error"]["message"]
+        assert time.time() - t0 < 30  # answered at the deadline, not after 200 tokens
+        deadline = time.time() + 60
+        while time.time() < deadline and (engine.load()["running"] or engine.load()["kv_pages_used"]):
+            time.sleep(0.05)
+        load = engine.load()
+        assert load["running"] == 0 and load["waiting"] == 0 and load["kv_pages_used"] == 0
+        assert engine.stats["aborted"] - aborted == 1
+    finally:
+        srv.stop()
