@@ -35,10 +35,11 @@ import platform
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from procmem import run_timed
 
 HERE = Path(__file__).resolve().parent
 LLMZIP = [sys.executable, "-m", "llmzip"]
@@ -96,18 +97,14 @@ def run_measured(cmd: list[str], log: Path) -> tuple[dict, float, float]:
     with open(log, "w+") as err, open(log.with_suffix(".out"), "w+") as out:
         err.write("$ " + shlex.join(cmd) + "\n")
         err.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        code = os.waitstatus_to_exitcode(status)
+        code, wall, rss = run_timed(cmd, out, err)
         out.seek(0)
         text = out.read()
         err.seek(0)
         errors = err.read()
     if code != 0:
         raise Failed(f"exit {code}: {error_line(errors + text)}")
-    return json.loads(text.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024
+    return json.loads(text.strip().splitlines()[-1]), wall, rss
 
 
 def write_calibration(base: Path, work: Path, samples: int, seq_len: int) -> dict:
@@ -217,7 +214,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     run = {"id": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-           "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]), "llmzip": llmzip.__version__}
+           "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]), "llmzip": llmzip.__version__,
+           "rss": "VmHWM"}
     calib = write_calibration(base, work, args.samples, args.seq_len)
     print("calibration", calib, flush=True)
     # Phase 1: every quantization, back to back, so their timings share quiet conditions. Each
@@ -308,11 +306,14 @@ def render(result: dict, results: Path) -> None:
              f"GPTQ: {result['gptq']}.",
              f"Perplexity: {result['ppl_protocol']}. Machine: {result['machine']}.",
              "quant s = wall time of the whole quantize process (start-up + load + calibrate + quantize + "
-             "save), the rows of one run back to back; peak RSS of that process. Runs (column `run`):", ""]
+             "save), the rows of one run back to back; peak RSS of that process (its own VmHWM, bench/procmem.py). "
+             "Runs (column `run`):", ""]
     first = result["command"].split(" ; ")[0]
     runs = list({_run(r, first)["id"]: _run(r, first) for r in rows}.values())
     index = {r["id"]: i for i, r in enumerate(runs, 1)}
     lines += [f"{index[r['id']]}. `{r['command']}`" + ("" if r["id"] == "earlier" else f" (started {r['id']})")
+              + ("" if r.get("rss") == "VmHWM" else "; its peak RSS is the process's ru_maxrss, which also "
+                 "counts the bench driver's own peak before the fork, so it may read high")
               for r in runs]
     lines += ["", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB | run |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]

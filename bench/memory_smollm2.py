@@ -1,8 +1,8 @@
 """Peak host memory of `llmzip quantize` on SmolLM2-135M: layer-by-layer weight loading
 (the default) vs `--load-whole-model`.
 
-Each row is one `llmzip quantize` process; peak RSS is that process's ru_maxrss
-(os.wait4), wall s its whole run. The checkpoints of the two modes are compared
+Each row is one `llmzip quantize` process; peak RSS is that process's own VmHWM
+(bench/procmem.py), wall s its whole run. The checkpoints of the two modes are compared
 tensor by tensor (they must be bit-identical).
 
     .venv/bin/python bench/memory_smollm2.py

@@ -19,8 +19,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from procmem import run_timed
 
 HERE = Path(__file__).resolve().parent
 LLMZIP = [sys.executable, "-m", "llmzip"]
@@ -40,16 +41,12 @@ ROWS = [  # (label, llmzip quantize args, llm-compressor args or None)
 def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
     """Run cmd; return (last stdout line as JSON, wall seconds, peak RSS MiB of that process)."""
     with tempfile.TemporaryFile("w+") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, wall, rss = run_timed(cmd, out, subprocess.DEVNULL)
         out.seek(0)
         text = out.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
-    return json.loads(text.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{text[-2000:]}")
+    return json.loads(text.strip().splitlines()[-1]), wall, rss
 
 
 def ckpt_bytes(path: Path) -> int:
