@@ -35,6 +35,10 @@ log = logging.getLogger("llmzip")
 # fewer, larger GEMMs (and Hessian updates) than one sample at a time, with activations
 # still small next to a layer's weights.
 FORWARD_TOKENS = 2048
+# The float layer's outputs are kept for this many batches only (the reference of each
+# layer's rel_update_mse): 8192 tokens estimate it well, and the other outputs would be
+# a third copy of the calibration activations.
+REF_BATCHES = 4
 
 
 class _Caught(Exception):
@@ -170,7 +174,7 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     if config.uses_awq:
         with calibrating_all_experts(layer):
             ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
-                                          lambda lyr, x: _first(lyr(x, **kwargs)))
+                                          lambda lyr, x: _first(lyr(x, **kwargs)), keep=REF_BATCHES)
     stats = {}
     if config.uses_gptq:
         # Linears reading the same input (q/k/v, gate/up) share one Hessian.
@@ -181,12 +185,16 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
             hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in hess]
             try:
                 with calibrating_all_experts(layer), cached_dense_weights(layer):
-                    outs = [_first(layer(x, **kwargs)) for x in inputs]
+                    outs = []
+                    for b, x in enumerate(inputs):
+                        out = _first(layer(x, **kwargs))
+                        if ref is None and i == 0 and b < REF_BATCHES:
+                            outs.append(out)  # the float layer's output
             finally:
                 for h in hooks:
                     h.remove()
             if ref is None and i == 0:
-                ref = outs  # the float layer's output
+                ref = outs
             for group in pass_groups:
                 H = hess.pop(group[0]).H
                 # GPTQ treats rows independently given H: one solve per chunk of the group.
@@ -219,7 +227,7 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     with cached_dense_weights(layer):
         outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
-    # that update: the residual itself would hide the error.
+    # that update: the residual itself would hide the error. Over the first REF_BATCHES.
     num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
     den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
     block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))

@@ -108,16 +108,20 @@ class _Inputs:
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config: QuantConfig, arch: Arch,
-              run) -> tuple[list, dict]:
+              run, keep: int | None = None) -> tuple[list, dict]:
     """Smooth (and clip) one layer in place. `names`: {relative name: nn.Linear} to be
     quantized; `run(layer, x)` runs the layer on one input. Returns (float outputs
-    before smoothing, info per mapping)."""
+    before smoothing, of the first `keep` inputs or all, info per mapping)."""
     awq = config.awq
     total = sum(x.numel() // x.shape[-1] for x in inputs)
     stats = {n: _Inputs(max(1, math.ceil(total / awq.max_tokens))) for n in names}
     hooks = [m.register_forward_hook(stats[n]) for n, m in names.items()]
     try:
-        ref = [run(layer, x) for x in inputs]
+        ref = []
+        for i, x in enumerate(inputs):
+            out = run(layer, x)  # the hooks see every input; only the first `keep` outputs are kept
+            if keep is None or i < keep:
+                ref.append(out)
     finally:
         for h in hooks:
             h.remove()
