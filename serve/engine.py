@@ -7,10 +7,6 @@ Every step of the loop:
    for memory and nothing is ever preempted);
 3. runs one prefill chunk (at most `prefill_chunk` prompt tokens of the oldest
    sequence still prefilling), then one decode step for every sequence that is decoding.
-   When the chunk is short (rows x chunk tokens <= `merge_tokens`), both go through one
-   forward pass: the decode rows are left-padded to the chunk's length, their padding
-   written to the pool's scratch page 0 and its outputs dropped, so a new request costs
-   no extra pass over the weights.
 So requests join and leave the running batch at every step, and a long prompt is
 prefilled in pieces between decode steps instead of stalling them.
 
@@ -89,7 +85,6 @@ class EngineConfig:
     kv_dtype: str = "auto"
     page: int = 16
     prefill_chunk: int = 512
-    merge_tokens: int = 128  # prefill chunk + decode rows in one pass up to this many padded tokens (0: never)
     max_queue: int = 256
     attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
     forward: str = "auto"  # "lean" (serve/lean.py, Llama-family), "model" (the model's own forward), "auto"
@@ -129,7 +124,7 @@ class Engine:
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "failed": 0,
-                      "steps": 0, "merged_steps": 0}
+                      "steps": 0}
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -221,14 +216,10 @@ class Engine:
             self._finish(seq, "abort")
         self._admit()
         worked = bool(self.prefilling or self.decoding)
-        ready = self._ready()
-        if self.prefilling and ready and self._mergeable(self.prefilling[0], ready):
-            self._prefill_and_decode(self.prefilling[0], ready)
-        else:
-            if self.prefilling:
-                self._prefill(self.prefilling[0])
-            if self.decoding:
-                self._decode()
+        if self.prefilling:
+            self._prefill(self.prefilling[0])
+        if self.decoding:
+            self._decode()
         self.stats["steps"] += worked
         return worked
 
@@ -247,10 +238,8 @@ class Engine:
             seq.pages = self.pool.allocate(n)
             self.prefilling.append(seq)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence],
-                 pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q];
-        pad: [rows, q] True where a token is padding (its K/V go to the scratch page 0).
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q].
         Decode steps (q = 1) over an int8 pool use the paged attention kernel when enabled."""
         page = self.pool.page
         n = max(self.pool.pages_for(int(p[-1]) + 1) for p in positions)
@@ -259,8 +248,6 @@ class Engine:
             have = seq.pages[:n]
             table[r, :len(have)] = torch.tensor(have)
         pages = table.gather(1, positions // page)
-        if pad is not None:
-            pages.masked_fill_(pad, 0)
         keys = torch.arange(n * page)
         mask = torch.zeros(positions.shape[0], 1, positions.shape[1], n * page, dtype=self.dtype)
         mask.masked_fill_(keys[None, None, None, :] > positions[:, None, :, None], torch.finfo(self.dtype).min)
@@ -286,37 +273,8 @@ class Engine:
             self.decoding.append(seq)
             self._sampled(logits, [seq])
 
-    def _ready(self) -> list[Sequence]:
-        """Decoding sequences with a sampled token not yet in the KV pool."""
-        return [s for s in self.decoding if s.out and s.pos < len(s.prompt) + len(s.out)]
-
-    def _mergeable(self, seq: Sequence, ready: list[Sequence]) -> bool:
-        q = min(len(seq.prompt) - seq.pos, self.config.prefill_chunk)
-        return (1 + len(ready)) * q <= self.config.merge_tokens
-
-    def _prefill_and_decode(self, seq: Sequence, ready: list[Sequence]) -> None:
-        """One forward pass for a prefill chunk (row 0) and a decode step (the other rows,
-        each left-padded to the chunk's length with its last token at the chunk's end)."""
-        chunk = seq.prompt[seq.pos:seq.pos + self.config.prefill_chunk]
-        q = len(chunk)
-        ids = torch.tensor([chunk] + [[s.out[-1]] * q for s in ready])
-        positions = torch.tensor([list(range(seq.pos, seq.pos + q))] + [[s.pos] * q for s in ready])
-        pad = torch.zeros(1 + len(ready), q, dtype=torch.bool)
-        pad[1:, :-1] = True
-        logits = self._forward(ids, positions, [seq, *ready], pad)
-        self.stats["merged_steps"] += 1
-        seq.pos += q
-        self.stats["prompt_tokens"] += q
-        for s in ready:
-            s.pos += 1
-        done = seq.pos == len(seq.prompt)
-        if done:
-            self.prefilling.remove(seq)
-            self.decoding.append(seq)
-        self._sampled(logits if done else logits[1:], [seq, *ready] if done else ready)
-
     def _decode(self) -> None:
-        seqs = self._ready()
+        seqs = [s for s in self.decoding if s.out and s.pos < len(s.prompt) + len(s.out)]
         if not seqs:
             return
         ids = torch.tensor([[s.out[-1]] for s in seqs])
