@@ -9,7 +9,8 @@ FP8 uses static scales calibrated exactly as `llmzip quantize --kv-cache fp8` do
 |K|, |V| over the calibration samples / 448) on the model being measured.
 
 With --hf-peers, the same windows also go through transformers' own QuantizedCache
-(backends quanto and hqq at 4 and 2 bits, residual 128, group 32; and its per-tensor fp8)
+(backends quanto and hqq at 4 and 2 bits, residual 128, group 32, grouped along axis 0 (transformers'
+default) and for HQQ also axis 1; and its per-tensor fp8)
 with bf16 weights, in the hqq virtualenv (bench/setup_peers.sh, peers/hf_quantized_cache.py).
 
     LLMZIP_CACHE=$PWD/.cache/llmzip .venv/bin/python bench/kv_cache.py --w4 DIR [--windows 2] [--hf-peers]
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-PEERS = [("quanto", 4), ("hqq", 4), ("quanto", 2), ("hqq", 2), ("fp8", 8)]
+PEERS = [("quanto", 4, 0), ("hqq", 4, 0), ("hqq", 4, 1), ("quanto", 2, 0), ("hqq", 2, 0), ("hqq", 2, 1), ("fp8", 8, 0)]
 
 
 def peer_rows(model_dir: str, ids, spans, args) -> list[dict]:
@@ -44,10 +45,11 @@ def peer_rows(model_dir: str, ids, spans, args) -> list[dict]:
     path = work / "kv_windows.npy"
     np.save(path, torch.stack([ids[s:e] for s, e, _ in spans]).numpy().astype(np.int64))
     rows = []
-    for backend, bits in PEERS:
-        name = f"transformers {backend} " + ("per-tensor" if backend == "fp8" else f"int{bits} r128 g32")
+    for backend, bits, axis in PEERS:
+        name = f"transformers {backend} " + ("per-tensor" if backend == "fp8" else f"int{bits} r128 g32 axis {axis}")
         cmd = [str(py), str(HERE / "peers" / "hf_quantized_cache.py"), model_dir, str(path), "--backend", backend,
-               "--nbits", str(bits), "--residual", "128", "--group", "32", "--chunk", str(args.chunk)]
+               "--nbits", str(bits), "--residual", "128", "--group", "32", "--chunk", str(args.chunk),
+               "--axis", str(axis)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         row = {"weights": "bf16", "kv": name, "ppl": None, "seconds": None, "bytes_per_token_per_layer": None,
                "bytes_ratio": None, "protocol": f"transformers QuantizedCache, chunk {args.chunk}"}

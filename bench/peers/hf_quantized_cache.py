@@ -28,11 +28,13 @@ p.add_argument("--nbits", type=int, default=4)
 p.add_argument("--residual", type=int, default=128)
 p.add_argument("--group", type=int, default=32)
 p.add_argument("--chunk", type=int, default=64)
+p.add_argument("--axis", type=int, default=0, help="grouping axis of keys and values (HQQ: 0 or 1; quanto: 0 or -1)")
 a = p.parse_args()
 
 model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval()
 windows = torch.from_numpy(np.load(a.windows))
-kw = {} if a.backend == "fp8" else {"nbits": a.nbits, "residual_length": a.residual, "q_group_size": a.group}
+kw = {} if a.backend == "fp8" else {"nbits": a.nbits, "residual_length": a.residual, "q_group_size": a.group,
+                                    "axis_key": a.axis, "axis_value": a.axis}
 nll_sum, tokens, t0 = 0.0, 0, time.perf_counter()
 with torch.inference_mode():
     for row in windows:
