@@ -32,6 +32,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r32", {"residual": 32}),
+           ("int4 r128", {"residual": 128}), ("int4 r128 g64", {"residual": 128, "group": 64}),
+           ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
 PEERS = [("quanto", 4, 0), ("hqq", 4, 0), ("hqq", 4, 1), ("quanto", 2, 0), ("hqq", 2, 0), ("hqq", 2, 1), ("fp8", 8, 0)]
 
 
@@ -62,9 +65,6 @@ def peer_rows(model_dir: str, ids, spans, args) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-SCHEMES = [("bf16", None), ("int8", {}), ("int4 r0", {"residual": 0}), ("int4 r32", {"residual": 32}),
-           ("int4 r128", {"residual": 128}), ("int4 r128 g64", {"residual": 128, "group": 64}),
-           ("int2 r128", {"residual": 128}), ("fp8 calibrated", {})]
 
 
 def main() -> None:

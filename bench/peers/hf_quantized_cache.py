@@ -2,7 +2,7 @@
 
 Runs inside the hqq virtualenv (transformers + hqq + optimum-quanto, bench/setup_peers.sh):
     python peers/hf_quantized_cache.py MODEL_DIR WINDOWS.npy --backend quanto|hqq|fp8 [--nbits 4
-        --residual 128 --group 32] --chunk 64
+        --residual 128 --group 32 --axis 0] --chunk 64
 WINDOWS.npy: int64 [windows, ctx] token ids written by the driver (the same windows llmzip scores).
 Protocol as llmzip's `eval ppl --kv-cache`: each window is fed `--chunk` tokens at a time through a
 fresh cache; every position but the window's first is scored. Model in bf16 on CPU.
