@@ -160,17 +160,21 @@ def main() -> None:
     rows = kernel_rows(args.quick)
     for r in rows:
         r["bw_fraction"] = round(r.pop("w4_bytes_per_s") / bw, 3)
-    decode = decode_rows(args.quick)
-    result = {"benchmark": "Triton W4 g128 fused dequant-matmul vs torch fp16 matmul", "device": device,
-              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-              "copy_bandwidth_GBps": round(bw / 1e9, 1), "command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
-              "kernels": rows, "decode": decode}
-    out = Path(args.out)
+    meta = {"benchmark": "Triton W4 g128 fused dequant-matmul vs torch fp16 matmul", "device": device,
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "copy_bandwidth_GBps": round(bw / 1e9, 1), "command": "python bench/kernels.py " + " ".join(sys.argv[1:])}
+    write(Path(args.out), meta, rows, [])  # the kernel table survives a decode run cut short
+    lines = write(Path(args.out), meta, rows, decode_rows(args.quick))
+    print("\n".join(lines))
+
+
+def write(out: Path, meta: dict, rows: list[dict], decode: list[dict]) -> list[str]:
+    """kernels_<device>.json and .md under `out`; returns the Markdown lines."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels_" + device.replace(" ", "_")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {result['benchmark']}", "", f"{device}; torch {torch.__version__}, triton {triton.__version__}; "
-             f"copy bandwidth {result['copy_bandwidth_GBps']} GB/s; `{result['command']}`", "",
+    stem = "kernels_" + meta["device"].replace(" ", "_")
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "kernels": rows, "decode": decode}, indent=2) + "\n")
+    lines = [f"# {meta['benchmark']}", "", f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}; "
+             f"copy bandwidth {meta['copy_bandwidth_GBps']} GB/s; `{meta['command']}`", "",
              "| K x N | M | W4 us | fp16 us | speedup | W4 bandwidth / copy |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['K']} x {r['N']} | {r['M']} | {r['w4_us']} | {r['fp16_us']} | {r['speedup']} | "
               f"{r['bw_fraction']} |" for r in rows]
@@ -178,7 +182,7 @@ def main() -> None:
     lines += [f"| {d['model']} ({d['layers']} layers) | {d['batch']} | {d['step_ms']} | {d['tokens_per_s']} |"
               for d in decode]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

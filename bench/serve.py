@@ -89,7 +89,15 @@ def load_run(base: str, model: str, streams: int, per_stream: int, max_tokens: i
             except Exception as e:  # noqa: BLE001 - reported in the results
                 errors.append(str(e))
 
-    stream_once(base, model, PROMPTS[0], 4, key)  # warm-up
+    # Warm-up: one burst of `streams` short requests, so that the batch shapes of the run
+    # (and every prompt's prefill) have been through the server once: kernels compiled
+    # at first use (Triton on CUDA) stay out of the numbers.
+    warm = [threading.Thread(target=stream_once, args=(base, model, PROMPTS[s % len(PROMPTS)], 4, key))
+            for s in range(max(streams, len(PROMPTS)))]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(streams)]
     for t in threads:
@@ -225,11 +233,21 @@ def main() -> None:
         for n, r in res.items():
             rows.append({"target": target, "streams": n, **r})
             print(json.dumps(rows[-1]), flush=True)
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "device": device(),
             "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream,
             "prompts": len(PROMPTS), "command": " ".join(sys.argv)}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_md(args.out, meta, rows)
+
+
+def device() -> str:
+    """The GPU the servers run on, or "cpu"."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def write_md(out: str, meta: dict, rows: list[dict]) -> None:
@@ -240,10 +258,11 @@ def write_md(out: str, meta: dict, rows: list[dict]) -> None:
         lines.append(f"| {r['target']} | {r['streams']} | {per:.1f} | {r['aggregate_tok_s']} | "
                      f"{r['per_stream_tok_s_p50']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |")
     Path(out + ".md").write_text(
-        f"# Serving on CPU\n\n{meta['machine']}; max_tokens {meta['max_tokens']} (ignore_eos), temperature 0, "
+        f"# Serving on {meta.get('device', 'cpu')}\n\n{meta['machine']}; max_tokens {meta['max_tokens']} (ignore_eos), temperature 0, "
         f"{meta['requests_per_stream']} requests per stream. A server that ignores `ignore_eos` (llama-cpp-python) "
         "stops at EOS: its tokens/request column shows it, and its tok/s are not comparable.\n\n"
-        f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
+        + (f"{meta['note']}\n\n" if meta.get("note") else "")
+        + f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .triton_qmm import Config, Repacked, default_config
+from .triton_qmm import Config, Repacked, default_config, tile_scale
 
 log = logging.getLogger("llmzip")
 _LOCK = threading.Lock()
@@ -30,24 +30,27 @@ def bucket(M: int) -> int:
     return next((b for b in BUCKETS if M <= b), BUCKETS[-1])
 
 
-def candidates(M: int, K: int) -> list[Config]:
-    """The small search space for one M bucket."""
+def candidates(M: int, K: int, r: Repacked) -> list[Config]:
+    """The small search space for one M bucket (one row also tries the GEMV kernel)."""
     if M <= 16:
-        out = [Config(16, bn, bk, sk, w, st) for bn in (32, 64, 128) for bk in (64, 128, 256)
-               for sk in (1, 2, 4, 8, 16) for w, st in ((4, 3),) if K // sk >= bk]
+        out = [Config(16, bn, bk, sk, w, st) for bn in (64, 128) for bk in (64, 128) for sk in (1, 4, 8, 16)
+               for w, st in ((2, 3), (4, 4), (4, 2)) if K // sk >= bk]
+        if M == 1:
+            out += [Config(1, bn, bk, sk, w, st) for bn in (128, 256) for bk in (64, 128) for sk in (4, 8, 16)
+                    for w, st in ((4, 2), (2, 3)) if K // sk >= bk and tile_scale(r, bk)]
         return out
     if M <= 128:
-        return [Config(bm, bn, bk, 1, w, st) for bm in (32, 64) for bn in (64, 128) for bk in (32, 64, 128)
-                for w, st in ((4, 3), (4, 4))]
-    return [Config(bm, bn, bk, 1, w, st) for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64)
-            for w, st in ((4, 3), (8, 3), (8, 4))]
+        return [Config(bm, bn, bk, 1, w, st) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128)
+                for w, st in ((4, 3), (8, 4))]
+    return [Config(bm, bn, bk, 1, w, st) for bm in (64, 128) for bn in (128, 256) for bk in (64, 128)
+            for w, st in ((4, 3), (8, 3))]
 
 
 def _cache_file(device: torch.device) -> Path:
-    from llmzip.models import cache_root
+    from llmzip.models import cache_dir
 
     name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
-    return cache_root() / "autotune" / f"{name}.json"
+    return cache_dir() / "autotune" / f"{name}.json"
 
 
 def _table(device: torch.device) -> dict:
@@ -74,8 +77,8 @@ def tuned_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor) -> Config
         import triton.testing
 
         probe = torch.randn(bucket(M), K, device=device, dtype=x.dtype)
-        best, best_ms = default_config(M, N, K, device), float("inf")
-        for cfg in candidates(M, K):
+        best, best_ms = default_config(M, N, K, device, r), float("inf")
+        for cfg in candidates(bucket(M), K, r):
             try:
                 ms = triton.testing.do_bench(lambda: qmm(probe, r, cfg), warmup=5, rep=20)
             except Exception as e:  # a config the GPU cannot run (shared memory, registers)

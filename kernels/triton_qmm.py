@@ -1,11 +1,15 @@
 """Triton fused dequantize + matmul for packed integer weights: y = x @ dequant(W)^T.
 
-One kernel serves decode and prefill; the launch configuration differs:
-- skinny (M <= 16): BLOCK_M = 16 and split-K, so a handful of rows still spreads over
-  every SM; each K slice writes fp32 partial sums that are added at the end;
-- tiled (M > 16): larger BLOCK_M x BLOCK_N tiles, no split.
-Weights are dequantized in registers (fp32 math, then the activation dtype) and fed to
-tl.dot with fp32 accumulation; nothing dense is ever written to memory.
+Two kernels, chosen per call from the launch configuration:
+- GEMV (one activation row, `Config.block_m == 1`): multiply and sum on the CUDA cores,
+  split-K so that one row still spreads over every SM (fp32 partial sums added at the end);
+- tiled (`tl.dot`, fp32 accumulation): BLOCK_M = 16 with split-K for skinny M, larger
+  tiles without split for prefill.
+Each packed word is loaded once per tile and its codes unpacked by broadcasting the
+shifts. When a K tile lies inside one group (no ragged act-order, group % BLOCK_K == 0)
+the tile multiplies the integer codes (exact in fp16/bf16) and scales the partial
+product once per output column; otherwise each weight is dequantized (fp32 math, then
+the activation dtype) before the product. Nothing dense is ever written to memory.
 
 Kernel weight layout (built once per layer by `repack`, kept on the module):
 - `qweight` int32 [ceil(K / P), N], P = 32 / S codes per word, slot width S in {2, 4, 8}
@@ -88,17 +92,28 @@ def repack(module) -> Repacked:
 if triton is not None:
 
     @triton.jit
+    def _codes(w_ptr, k0, k_hi, offs_n, n_ok, stride_wk, stride_wn,
+               SLOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Unsigned codes [BLOCK_K, BLOCK_N] of rows k0.. (k0 a multiple of 32 / SLOT): each packed
+        word is loaded once and its codes unpacked by broadcasting the shifts."""
+        PER: tl.constexpr = 32 // SLOT
+        offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        word = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                       mask=(offs_w * PER < k_hi)[:, None] & n_ok[None, :], other=0)
+        u = (word[:, None, :] >> (tl.arange(0, PER) * SLOT)[None, :, None]) & ((1 << SLOT) - 1)
+        return tl.reshape(u, (BLOCK_K, BLOCK_N))
+
+    @triton.jit
     def _qmm_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
         M, N, K, K_CHUNK,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_sg, stride_sn,
         stride_os, stride_om, stride_on,
         GROUP: tl.constexpr, SLOT: tl.constexpr, ZERO_CONST: tl.constexpr,
-        HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, TILE_SCALE: tl.constexpr,
+        IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        PER: tl.constexpr = 32 // SLOT
-        MASK: tl.constexpr = (1 << SLOT) - 1
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -114,36 +129,83 @@ if triton is not None:
             k_ok = offs_k < k_hi
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wk_ok = k_ok[:, None] & n_ok[None, :]
-            word = tl.load(w_ptr + (offs_k // PER)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                           mask=wk_ok, other=0)
-            u = (word >> ((offs_k % PER) * SLOT)[:, None]) & MASK
-            if HAS_GIDX:
-                g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
+            u = _codes(w_ptr, k0, k_hi, offs_n, n_ok, stride_wk, stride_wn, SLOT, BLOCK_K, BLOCK_N)
+            if TILE_SCALE:
+                # The tile lies in one group: multiply the integer codes (exact in any float
+                # type), then scale the partial product once per output column.
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0)
+                    c = u - z.to(tl.int32)[None, :]
+                else:
+                    c = u - ZERO_CONST
+                if IEEE or EMULATE_BF16:  # fp32 activations, or bf16 under the CPU interpreter
+                    part = tl.dot(x.to(tl.float32), c.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(x, c.to(x.dtype))
+                acc += part * s[None, :]
             else:
-                g = offs_k // GROUP
-            s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok, other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok, other=0)
-                w = (u.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
-            else:
-                w = (u.to(tl.float32) - ZERO_CONST) * s.to(tl.float32)
-            if EMULATE_BF16:
-                # Triton's CPU interpreter mis-converts fp32 -> bf16: round to bf16 by hand
-                # (nearest, ties to even) and multiply in fp32, which is what the GPU computes.
-                bits = w.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                acc += tl.dot(x.to(tl.float32), bits.to(tl.float32, bitcast=True), input_precision="ieee")
-            elif IEEE:
-                acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(x, w.to(x.dtype))
+                if HAS_GIDX:
+                    g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
+                else:
+                    g = offs_k // GROUP
+                wk_ok = k_ok[:, None] & n_ok[None, :]
+                s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok, other=0.0)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=wk_ok, other=0)
+                    w = (u.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
+                else:
+                    w = (u.to(tl.float32) - ZERO_CONST) * s.to(tl.float32)
+                if EMULATE_BF16:
+                    # Triton's CPU interpreter mis-converts fp32 -> bf16: round to bf16 by hand
+                    # (nearest, ties to even) and multiply in fp32, which is what the GPU computes.
+                    bits = w.to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    acc += tl.dot(x.to(tl.float32), bits.to(tl.float32, bitcast=True), input_precision="ieee")
+                elif IEEE:
+                    acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w.to(x.dtype))
         out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        N, K, K_CHUNK,
+        stride_xk, stride_wk, stride_wn, stride_sg, stride_sn, stride_os, stride_on,
+        GROUP: tl.constexpr, SLOT: tl.constexpr, ZERO_CONST: tl.constexpr, HAS_ZERO: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One activation row (M = 1) on the CUDA cores: multiply and sum over each K tile,
+        one scale per tile (GROUP % BLOCK_K == 0), split-K partial sums in fp32."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(k_lo + K_CHUNK, K)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            u = _codes(w_ptr, k0, k_hi, offs_n, n_ok, stride_wk, stride_wn, SLOT, BLOCK_K, BLOCK_N)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0)
+                c = (u - z.to(tl.int32)[None, :]).to(tl.float32)
+            else:
+                c = (u - ZERO_CONST).to(tl.float32)
+            acc += tl.sum(x[:, None] * c, axis=0) * s
+        tl.store(out_ptr + pid_k * stride_os + offs_n * stride_on, acc, mask=n_ok)
 
 
 @dataclass(frozen=True)
 class Config:
+    """Launch configuration; block_m == 1 selects the M = 1 GEMV kernel."""
+
     block_m: int
     block_n: int
     block_k: int
@@ -152,16 +214,30 @@ class Config:
     num_stages: int = 2
 
 
-def default_config(M: int, N: int, K: int, device: torch.device) -> Config:
-    """A sound configuration without tuning: split-K for skinny M sized to fill the GPU."""
+def tile_scale(r: Repacked, block_k: int) -> bool:
+    """Whether every K tile lies in one group, so scales (and zeros) load once per tile."""
+    return r.g_idx is None and r.group_size % block_k == 0
+
+
+def _split(N: int, K: int, block_n: int, device: torch.device) -> int:
+    """K slices for skinny M, enough for about two programs per SM."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(-(-2 * sms // -(-N // block_n)), K // 256, 16))
+
+
+def default_config(M: int, N: int, K: int, device: torch.device, r: Repacked | None = None) -> Config:
+    """A sound configuration without tuning: the largest K tile that stays inside a group,
+    the GEMV kernel for one row, split-K for skinny M."""
+    group = r.group_size if r is not None else K
+    ragged = r is not None and r.g_idx is not None
+    bk = 64 if ragged else next((b for b in (128, 64, 32) if group % b == 0), 64)
+    if M == 1 and not ragged and group % bk == 0:
+        return Config(1, 128, bk, _split(N, K, 128, device), 4, 2)
     if M <= 16:
-        tiles = -(-N // 64)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        split = max(1, min(-(-2 * sms // tiles), K // 256, 16))
-        return Config(16, 64, 128, split, 4, 3)
+        return Config(16, 64, bk, _split(N, K, 64, device), 4, 3)
     if M <= 64:
-        return Config(32, 64, 64, 1, 4, 3)
-    return Config(64, 128, 32, 1, 4, 3)
+        return Config(32, 64, min(bk, 64), 1, 4, 3)
+    return Config(64, 128, min(bk, 64), 1, 4, 3)
 
 
 def qmm(x: torch.Tensor, r: Repacked, config: Config | None = None) -> torch.Tensor:
@@ -175,25 +251,33 @@ def qmm(x: torch.Tensor, r: Repacked, config: Config | None = None) -> torch.Ten
     M, K = x2.shape
     N = r.out_features
     cfg = config or choose_config(M, N, K, r, x2)
+    tile = tile_scale(r, cfg.block_k)
+    gemv = cfg.block_m == 1 and M == 1 and tile
+    block_m = 16 if cfg.block_m == 1 and not gemv else cfg.block_m
     per_split = -(-K // max(1, cfg.split_k))
     k_chunk = -(-per_split // cfg.block_k) * cfg.block_k  # each K slice a whole number of BLOCK_K
     split = -(-K // k_chunk)
-    out = _empty((split, M, N), x.device, x.dtype if split == 1 else torch.float32)
-    grid = (-(-M // cfg.block_m), -(-N // cfg.block_n), split)
+    out = _empty((split, M, N), x.device, x.dtype if split == 1 and not gemv else torch.float32)
     zeros = r.zeros if r.zeros is not None else r.scales
-    gidx = r.g_idx if r.g_idx is not None else r.scales
-    _qmm_kernel[grid](
-        x2, r.qweight, r.scales, zeros, gidx, out,
-        M, N, K, k_chunk,
-        x2.stride(0), x2.stride(1), r.qweight.stride(0), r.qweight.stride(1), r.scales.stride(0), r.scales.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        GROUP=r.group_size, SLOT=slot_bits(r.bits), ZERO_CONST=float(1 << (r.bits - 1)),
-        HAS_ZERO=r.zeros is not None, HAS_GIDX=r.g_idx is not None, IEEE=x.dtype == torch.float32,
-        EMULATE_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+    common = dict(GROUP=r.group_size, SLOT=slot_bits(r.bits), ZERO_CONST=1 << (r.bits - 1),
+                  HAS_ZERO=r.zeros is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if gemv:
+        _gemv_kernel[(-(-N // cfg.block_n), split)](
+            x2, r.qweight, r.scales, zeros, out, N, K, k_chunk,
+            x2.stride(1), r.qweight.stride(0), r.qweight.stride(1), r.scales.stride(0), r.scales.stride(1),
+            out.stride(0), out.stride(2), **common)
+    else:
+        gidx = r.g_idx if r.g_idx is not None else r.scales
+        _qmm_kernel[(-(-M // block_m), -(-N // cfg.block_n), split)](
+            x2, r.qweight, r.scales, zeros, gidx, out,
+            M, N, K, k_chunk,
+            x2.stride(0), x2.stride(1), r.qweight.stride(0), r.qweight.stride(1), r.scales.stride(0),
+            r.scales.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            HAS_GIDX=r.g_idx is not None, TILE_SCALE=tile, IEEE=x.dtype == torch.float32,
+            EMULATE_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            BLOCK_M=block_m, **common)
+    y = out[0] if split == 1 and not gemv else out.sum(0).to(x.dtype)
     return y.reshape(*shape[:-1], N)
 
 
@@ -207,4 +291,4 @@ def choose_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor) -> Confi
         from .autotune import tuned_config
 
         return tuned_config(M, N, K, r, x)
-    return default_config(M, N, K, x.device)
+    return default_config(M, N, K, x.device, r)

@@ -160,7 +160,7 @@ def demo(args) -> int:
     from .data import load_text
     from .eval.perplexity import perplexity, tokenize
     from .info import size_report
-    from .models import load_pretrained, resolve
+    from .models import resolve
     from .api import quantize as run
 
     base_dir = resolve("smollm2-135m")

@@ -38,8 +38,8 @@ def qparams_from_range(
     scale (positive values map to qmax, negative to qmin), so no value ever clips.
     Returns scale in `scale_dtype` (never 0) and zero as int8 or None.
     """
-    lo = torch.clamp(lo, max=0.0)
-    hi = torch.clamp(hi, min=0.0)
+    lo = torch.clamp(lo.float(), max=0.0)  # half-precision ranges: fp32 math, the same on every device
+    hi = torch.clamp(hi.float(), min=0.0)
     tiny = torch.finfo(scale_dtype).tiny * 16
     if scheme.symmetric:
         scale = torch.maximum(hi / scheme.qmax, lo / scheme.qmin)

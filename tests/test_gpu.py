@@ -16,8 +16,13 @@ def test_rtn_on_cuda_matches_cpu():
     w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)).bfloat16() * 0.02
     scheme = WeightScheme(4, 128, False)
     cpu, gpu = rtn(w, scheme), rtn(w.cuda(), scheme)
-    assert torch.equal(cpu.scale, gpu.scale.cpu()) and torch.equal(cpu.zero, gpu.zero.cpu())
-    assert (cpu.q == gpu.q.cpu()).float().mean().item() > 0.9999  # fp32 ties may round apart
+    # The fp32 scale arithmetic may round differently on the GPU before the bf16 cast (seen on
+    # an H100: 1 scale in 4096 one bf16 ulp apart); codes follow their scale.
+    scale_off = (cpu.scale != gpu.scale.cpu()).float().mean().item()
+    rel = ((cpu.scale.float() - gpu.scale.cpu().float()).abs() / cpu.scale.float()).max().item()
+    assert scale_off < 1e-3 and rel <= 2**-7
+    assert (cpu.zero != gpu.zero.cpu()).float().mean().item() < 1e-3
+    assert (cpu.q == gpu.q.cpu()).float().mean().item() > 0.999
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
@@ -105,3 +110,50 @@ def test_decode_attention_kernel_on_cuda(lengths):
     kp, vp = tuple(t.cuda() for t in pool.kp[0]), tuple(t.cuda() for t in pool.vp[0])
     out = tk.decode_attention(dev[0], dev[1], kp, dev[2], vp, dev[3], dev[4]).cpu()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_engine_on_cuda_equals_generate():
+    """Continuous batching with chunked prefill on CUDA (fp32, bf16-free) gives generate's greedy tokens."""
+    from test_engine import Tok, collect, greedy, model_without_eos
+
+    from llmzip.serve.engine import Engine, EngineConfig
+    from llmzip.serve.sampling import SamplingParams
+
+    torch.manual_seed(1)
+    model = model_without_eos().cuda()
+    eng = Engine(model, Tok(), EngineConfig(max_num_seqs=3, max_model_len=128, page=4, prefill_chunk=5))
+    assert eng.device.type == "cuda"
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 17, 9, 1, 30, 12, 6)]
+    lengths = [11, 4, 20, 7, 9, 15, 2]
+    runs = [collect(eng, p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+    eng.run_until_done()
+    model_cpu = model.cpu()
+    for p, n, events in zip(prompts, lengths, runs):
+        assert [t for e in events for t in e.tokens] == greedy(model_cpu, p, n)
+    assert len(eng.pool.free) == eng.pool.num_pages - 1
+
+
+def test_engine_w4_int8_pool_on_cuda_kernels_match_gather():
+    """A W4 model (Triton qmm) with the int8 pool on CUDA: the paged attention kernel (chosen
+    automatically there) decodes the same greedy tokens as dequantize-and-gather."""
+    import llmzip
+    from test_engine import Tok, collect, model_without_eos
+
+    from llmzip.quant_linear import QuantLinear
+    from llmzip.serve.engine import Engine, EngineConfig
+    from llmzip.serve.sampling import SamplingParams
+
+    torch.manual_seed(3)
+    model, _ = llmzip.quantize(model_without_eos(), QuantConfig(weights=WeightScheme(4, 32)), progress=False)
+    model = model.cuda()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 11, 2, 40)]
+    tokens = {}
+    for attention in ("gather", "auto"):
+        eng = Engine(model, Tok(), EngineConfig(max_num_seqs=4, max_model_len=96, page=16, kv_dtype="int8",
+                                                attention=attention))
+        assert eng.paged == (attention == "auto")
+        runs = [collect(eng, p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts]
+        eng.run_until_done()
+        tokens[attention] = [[t for e in r for t in e.tokens] for r in runs]
+    assert {m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)} == {"triton"}
+    assert tokens["auto"] == tokens["gather"]

@@ -76,8 +76,9 @@ def test_repack_round_trips_codes(bits):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_bits_and_zero_points(bits, symmetric):
-    assert rel_err(layer(bits=bits, symmetric=symmetric), M=3) < FP32_TOL
+@pytest.mark.parametrize("M", [1, 3])
+def test_bits_and_zero_points(bits, symmetric, M):
+    assert rel_err(layer(bits=bits, symmetric=symmetric), M=M) < FP32_TOL
 
 
 @pytest.mark.parametrize("group", [32, 64, None])
@@ -105,6 +106,28 @@ def test_split_k_partial_sums(split):
     """K slices that end mid-tile and a last slice shorter than the others."""
     cfg = triton_qmm.Config(16, 32, 32, split)
     assert rel_err(layer(symmetric=False), M=5, config=cfg) < FP32_TOL
+
+
+@pytest.mark.parametrize("config,tile", [
+    (triton_qmm.Config(1, 32, 32, 2), True),    # GEMV, one scale per K tile
+    (triton_qmm.Config(16, 32, 32, 3), True),   # tensor-core tile, one scale per K tile
+    (triton_qmm.Config(16, 32, 64, 2), False),  # K tile spans two groups: scales per column
+])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernel_paths_agree_with_the_reference(config, tile, symmetric):
+    m = layer(group=32, symmetric=symmetric)
+    assert triton_qmm.tile_scale(triton_qmm.repack(m), config.block_k) == tile
+    for M in (1, 2):  # the GEMV config runs the tile kernel for M > 1
+        assert rel_err(m, M=M, config=config) < FP32_TOL
+
+
+def test_default_config_picks_the_gemv_kernel_for_one_row():
+    r = triton_qmm.repack(layer(group=64))
+    assert triton_qmm.default_config(1, N, K, torch.device("cpu"), r).block_m == 1
+    assert triton_qmm.default_config(1, N, K, torch.device("cpu"), r).block_k == 64  # inside a group
+    assert triton_qmm.default_config(3, N, K, torch.device("cpu"), r).block_m == 16
+    ragged = triton_qmm.repack(layer(act_order="ragged"))
+    assert triton_qmm.default_config(1, N, K, torch.device("cpu"), ragged).block_m == 16
 
 
 def test_registry_runs_a_tiny_model_through_triton(monkeypatch):

@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import tiny_llama
 
