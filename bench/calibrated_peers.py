@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of other settings/tools already in --results (same calibration and "
                          "protocol required); rows of this run replace rows with the same setting and tool")
+    ap.add_argument("--note", help="a remark on this run's conditions, printed with its command")
     args = ap.parse_args()
     results = Path(args.results)
     if args.render_only:
@@ -215,7 +216,7 @@ def main() -> None:
     started = time.time()
     run = {"id": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
            "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]), "llmzip": llmzip.__version__,
-           "rss": "VmHWM"}
+           "rss": "VmHWM", **({"note": args.note} if args.note else {})}
     calib = write_calibration(base, work, args.samples, args.seq_len)
     print("calibration", calib, flush=True)
     # Phase 1: every quantization, back to back, so their timings share quiet conditions. Each
@@ -314,6 +315,7 @@ def render(result: dict, results: Path) -> None:
     lines += [f"{index[r['id']]}. `{r['command']}`" + ("" if r["id"] == "earlier" else f" (started {r['id']})")
               + ("" if r.get("rss") == "VmHWM" else "; its peak RSS is the process's ru_maxrss, which also "
                  "counts the bench driver's own peak before the fork, so it may read high")
+              + (f"; {r['note']}" if r.get("note") else "")
               for r in runs]
     lines += ["", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB | run |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
