@@ -3,8 +3,9 @@
 One new query token per sequence attends to that sequence's cached keys and values,
 dequantized in registers page by page: no full-precision copy of the cache is ever
 written. Layout (serve/kv_pool.py, kv_dtype="int8"):
-- codes uint8 [pages, kv_heads, PAGE, D]; (scale, min) fp16 [pages, kv_heads, PAGE, 1]
-  per token and head, so k = code * scale + min (llmzip.kv_cache's INT8 scheme);
+- codes uint8 [pages, kv_heads, PAGE, D]; scale fp16 and zero point uint8, each
+  [pages, kv_heads, PAGE, 1], per token and head, so k = (code - zero) * scale
+  (llmzip.kv_cache's INT8 scheme);
 - block table int32/int64 [B, max_pages] (page ids, in order), lengths [B] (tokens).
 Grouped-query attention: query head h reads kv head h // (Hq / Hkv).
 Softmax is computed online (running max and sum) in fp32; the output is the query dtype.
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover
 
 
 def decode_attention_reference(q, k_codes, k_params, v_codes, v_params, table, lengths, scale=None):
-    """q [B, Hq, D]; k/v codes [P, Hkv, PAGE, D] uint8; k/v params (scale, min) each
+    """q [B, Hq, D]; k/v codes [P, Hkv, PAGE, D] uint8; k/v params (scale, zero) each
     [P, Hkv, PAGE, 1]; table [B, n]; lengths [B]. Returns [B, Hq, D] in q's dtype."""
     B, Hq, D = q.shape
     Hkv, page = k_codes.shape[1], k_codes.shape[2]
@@ -37,7 +38,7 @@ def decode_attention_reference(q, k_codes, k_params, v_codes, v_params, table, l
         pages = table[b, : -(-n // page)].long()
 
         def deq(codes, params):
-            x = codes[pages].float() * params[0][pages].float() + params[1][pages].float()  # [p, Hkv, PAGE, D]
+            x = (codes[pages].float() - params[1][pages].float()) * params[0][pages].float()  # [p, Hkv, PAGE, D]
             return x.permute(1, 0, 2, 3).reshape(Hkv, -1, D)[:, :n]
 
         k, v = deq(k_codes, k_params), deq(v_codes, v_params)
@@ -51,7 +52,7 @@ def decode_attention_reference(q, k_codes, k_params, v_codes, v_params, table, l
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, tab_ptr, len_ptr, out_ptr,
+    def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tab_ptr, len_ptr, out_ptr,
                        sm_scale, stride_qb, stride_qh, stride_cp, stride_ch, stride_ct, stride_pp, stride_ph,
                        stride_tb, stride_ob, stride_oh,
                        GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -75,16 +76,16 @@ if triton is not None:
             offs = base + t[:, None] * stride_ct + d[None, :]
             m2 = valid[:, None] & dmask[None, :]
             k = tl.load(kc_ptr + offs, mask=m2, other=0).to(tl.float32)
-            k = k * tl.load(ks_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None] \
-                + tl.load(km_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None]
+            k = (k - tl.load(kz_ptr + pbase + t, mask=valid, other=0).to(tl.float32)[:, None]) \
+                * tl.load(ks_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None]
             s = tl.sum(k * q[None, :], axis=1) * sm_scale
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             w = tl.exp(s - m_new)
             v = tl.load(vc_ptr + offs, mask=m2, other=0).to(tl.float32)
-            v = v * tl.load(vs_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None] \
-                + tl.load(vm_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None]
+            v = (v - tl.load(vz_ptr + pbase + t, mask=valid, other=0).to(tl.float32)[:, None]) \
+                * tl.load(vs_ptr + pbase + t, mask=valid, other=0.0).to(tl.float32)[:, None]
             acc = acc * alpha + tl.sum(w[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(w, axis=0)
             m_i = m_new

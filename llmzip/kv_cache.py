@@ -3,7 +3,8 @@
 Tensors are [batch, kv_heads, tokens, head_dim], as transformers' attention stores them.
 
 Schemes (`KVCacheConfig.dtype`):
-- `int8`: asymmetric, one (scale, min) per token and head over head_dim (dynamic).
+- `int8`: asymmetric, one fp16 scale and one uint8 zero point per token and head over
+  head_dim (dynamic): 3 bytes of parameters per 64 codes, 0.523x of bf16 at head_dim 64.
 - `int4`, `int2` (KIVI): keys asymmetric per channel over groups of `group` tokens
   (key outliers live in fixed channels), values asymmetric per token over groups of
   `group` channels. The newest tokens stay in full precision in a residual window: once
@@ -11,8 +12,8 @@ Schemes (`KVCacheConfig.dtype`):
 - `fp8`: float8 e4m3 with one static scale per layer for K and one for V (calibrated by
   `llmzip quantize --kv-cache fp8`, exported as compressed-tensors k_scale/v_scale);
   without calibrated scales, each layer's scale is set from its first update.
-Scale and min are stored in fp16 (2 bytes, finer than bf16); 4- and 2-bit codes are packed two and
-four to a byte along the last axis, so `bytes_per_token` is what memory really holds.
+Scales and minima are stored in fp16 (2 bytes, finer than bf16); 4- and 2-bit codes are packed
+two and four to a byte along the last axis, so `bytes_per_token` is what memory really holds.
 
 What attention reads: `update` appends the new tokens, quantizes whatever left the
 residual window (all of them when residual is 0), and returns the dequantized quantized
@@ -98,12 +99,30 @@ def dequantize_asym(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtyp
     return (q.float() * scale.float() + lo.float()).to(dtype)
 
 
+def quantize_int8(x: torch.Tensor, dim: int) -> tuple:
+    """Asymmetric 8-bit with an integer zero point over `dim`: returns (codes uint8, scale
+    fp16, zero uint8) with x ~= (codes - zero) * scale. The range is widened to include 0,
+    so the zero point is one of the codes; the scale is rounded up to fp16, never down."""
+    xf = x.float()
+    lo = xf.amin(dim, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(dim, keepdim=True).clamp(min=0.0)
+    scale = round_up_to_dtype(((hi - lo) / 255).clamp(min=1e-6), PARAM_DTYPE)
+    s = scale.float()
+    zero = (-lo / s).round_().clamp_(0, 255)
+    q = (xf / s + zero).round_().clamp_(0, 255).to(torch.uint8)
+    return q, scale, zero.to(torch.uint8)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((q.float() - zero.float()) * scale.float()).to(dtype)
+
+
 def quantize_keys(k: torch.Tensor, cfg: KVCacheConfig) -> dict:
     """[B, H, T, D] -> stored form. int8: per token; KIVI: per channel over groups of tokens
     (T must be a multiple of cfg.group); fp8: see quantize_fp8."""
     if cfg.dtype == "int8":
-        q, s, m = quantize_asym(k, 8, -1, PARAM_DTYPE)
-        return {"q": q, "scale": s, "min": m}
+        q, s, z = quantize_int8(k, -1)
+        return {"q": q, "scale": s, "zero": z}
     B, H, T, D = k.shape
     g = k.reshape(B, H, T // cfg.group, cfg.group, D)
     q, s, m = quantize_asym(g, cfg.bits, 3, PARAM_DTYPE)  # one (scale, min) per group of tokens and channel
@@ -112,7 +131,7 @@ def quantize_keys(k: torch.Tensor, cfg: KVCacheConfig) -> dict:
 
 def dequantize_keys(st: dict, cfg: KVCacheConfig, dtype: torch.dtype) -> torch.Tensor:
     if cfg.dtype == "int8":
-        return dequantize_asym(st["q"], st["scale"], st["min"], dtype)
+        return dequantize_int8(st["q"], st["scale"], st["zero"], dtype)
     q = unpack_codes(st["q"], cfg.bits)
     B, H, T, D = q.shape
     g = q.reshape(B, H, T // cfg.group, cfg.group, D)
@@ -172,9 +191,9 @@ def bytes_per_token(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, ele
         return float(full)
     if cfg.dtype == "fp8":
         return full / elem_bytes
-    pb = PARAM_BYTES  # scale and min are stored in PARAM_DTYPE whatever the model dtype
+    pb = PARAM_BYTES  # scales and minima are stored in PARAM_DTYPE whatever the model dtype
     if cfg.dtype == "int8":
-        return 2 * kv_heads * (head_dim + 2 * pb)
+        return 2 * kv_heads * (head_dim + pb + 1)  # codes, scale, uint8 zero point
     codes = kv_heads * head_dim * cfg.bits / 8
     key_params = kv_heads * head_dim * 2 * pb / cfg.group  # per channel, per group of tokens
     value_params = kv_heads * (head_dim // _value_group(cfg, head_dim)) * 2 * pb  # per token, channel group

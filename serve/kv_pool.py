@@ -7,8 +7,9 @@ block tables with it reads zeros, never stale values. Capacity is fixed at start
 
 `kv_dtype`:
 - "auto": the model dtype;
-- "int8": one int8 code per element with an fp16 (scale, min) per token and head over
-  head_dim (llmzip.kv_cache's INT8 scheme), dequantized when a step reads its pages;
+- "int8": one uint8 code per element with an fp16 scale and a uint8 zero point per token
+  and head over head_dim (llmzip.kv_cache's INT8 scheme), dequantized when a step reads
+  its pages (or, on CUDA, by the paged attention kernel);
 - "fp8": float8 e4m3 with one scale per layer for K and one for V: the calibrated scales
   of the checkpoint (`llmzip quantize --kv-cache fp8`) when present, otherwise set from
   the first prompt's K/V of each layer.
@@ -25,8 +26,8 @@ import threading
 import torch
 from transformers.cache_utils import Cache
 
-from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_asym, dequantize_fp8,
-                             fp8_scale, quantize_asym, quantize_fp8)
+from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_fp8, dequantize_int8,
+                             fp8_scale, quantize_fp8, quantize_int8)
 
 KV_POOL_DTYPES = ("auto", "int8", "fp8")
 
@@ -44,7 +45,7 @@ class KVPool:
         store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}[kv_dtype]
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
-        self.kp = self.vp = None  # int8: (scale, min) per token and head, per layer
+        self.kp = self.vp = None  # int8: (scale, zero) per token and head, per layer
         if kv_dtype == "int8":
             pshape = (num_pages, kv_heads, page, 1)
             self.kp = [_params(pshape, device) for _ in range(num_layers)]
@@ -83,10 +84,10 @@ class KVPool:
             self.v[layer][pages, :, offsets] = v.to(self.dtype)
         elif self.kv_dtype == "int8":
             for store, params, x in ((self.k, self.kp, k), (self.v, self.vp, v)):
-                q, scale, lo = quantize_asym(x, 8, -1, PARAM_DTYPE)
-                store[layer][pages, :, offsets] = q.to(torch.uint8)
+                q, scale, zero = quantize_int8(x, -1)
+                store[layer][pages, :, offsets] = q
                 params[layer][0][pages, :, offsets] = scale
-                params[layer][1][pages, :, offsets] = lo
+                params[layer][1][pages, :, offsets] = zero
         else:
             if self.fp8_scales[layer] is None:
                 self.fp8_scales[layer] = (fp8_scale(k), fp8_scale(v))
@@ -102,15 +103,16 @@ class KVPool:
         rows, n = table.shape
         x = store[layer][table]  # [rows, n, H, page, D]
         if self.kv_dtype == "int8":
-            scale, lo = params[layer][0][table], params[layer][1][table]
-            x = dequantize_asym(x, scale, lo, self.dtype)
+            scale, zero = params[layer][0][table], params[layer][1][table]
+            x = dequantize_int8(x, scale, zero, self.dtype)
         elif self.kv_dtype == "fp8":
             x = dequantize_fp8({"q": x}, self.fp8_scales[layer][which], self.dtype)
         return x.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, n * self.page, self.head_dim)
 
 
 def _params(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(shape, dtype=PARAM_DTYPE, device=device), torch.zeros(shape, dtype=PARAM_DTYPE, device=device)
+    """An int8 pool layer's (scale fp16, zero point uint8) per token and head."""
+    return torch.zeros(shape, dtype=PARAM_DTYPE, device=device), torch.zeros(shape, dtype=torch.uint8, device=device)
 
 
 class StepCache(Cache):

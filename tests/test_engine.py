@@ -102,7 +102,7 @@ def test_quantized_pool_round_trip(kv_dtype, floor_db):
 def test_pool_bytes_per_token():
     kw = dict(num_layers=30, num_pages=4, kv_heads=3, head_dim=64, dtype=torch.bfloat16, device="cpu")
     assert KVPool(**kw).bytes_per_token() == 30 * 2 * 3 * 64 * 2
-    assert KVPool(**kw, kv_dtype="int8").bytes_per_token() == 30 * (2 * 3 * 64 + 2 * 3 * 4)
+    assert KVPool(**kw, kv_dtype="int8").bytes_per_token() == 30 * (2 * 3 * 64 + 2 * 3 * 3)  # fp16 scale, uint8 zero
     assert KVPool(**kw, kv_dtype="fp8").bytes_per_token() == 30 * 2 * 3 * 64
 
 
