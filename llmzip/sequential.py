@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .moe import calibrating_all_experts, expert_token_counts
 from .quant_linear import QuantLinear, cached_dense_weights
 from .resume import LayerCheckpoints
-from .smoothing import awq_layer
+from .smoothing import awq_layer, run_keeping_first
 from .surgery import set_module
 
 log = logging.getLogger("llmzip")
@@ -185,16 +185,14 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
             hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in hess]
             try:
                 with calibrating_all_experts(layer), cached_dense_weights(layer):
-                    outs = []
-                    for b, x in enumerate(inputs):
-                        out = _first(layer(x, **kwargs))
-                        if ref is None and i == 0 and b < REF_BATCHES:
-                            outs.append(out)  # the float layer's output
+                    # the float layer's outputs, kept on the first pass unless AWQ already did
+                    kept = run_keeping_first(lambda x: _first(layer(x, **kwargs)), inputs,
+                                             REF_BATCHES if ref is None else 0)
             finally:
                 for h in hooks:
                     h.remove()
-            if ref is None and i == 0:
-                ref = outs
+            if ref is None:
+                ref = kept
             for group in pass_groups:
                 H = hess.pop(group[0]).H
                 # GPTQ treats rows independently given H: one solve per chunk of the group.

@@ -106,6 +106,17 @@ class _Inputs:
         return torch.cat(self.sample)
 
 
+def run_keeping_first(run, inputs: list, keep: int | None) -> list:
+    """Call `run(x)` on every input (forward hooks see them all) and return the outputs of
+    the first `keep` inputs (all when None): the reference kept for later comparisons."""
+    kept = []
+    for i, x in enumerate(inputs):
+        out = run(x)
+        if keep is None or i < keep:
+            kept.append(out)
+    return kept
+
+
 @torch.no_grad()
 def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config: QuantConfig, arch: Arch,
               run, keep: int | None = None) -> tuple[list, dict]:
@@ -117,11 +128,7 @@ def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config:
     stats = {n: _Inputs(max(1, math.ceil(total / awq.max_tokens))) for n in names}
     hooks = [m.register_forward_hook(stats[n]) for n, m in names.items()]
     try:
-        ref = []
-        for i, x in enumerate(inputs):
-            out = run(layer, x)  # the hooks see every input; only the first `keep` outputs are kept
-            if keep is None or i < keep:
-                ref.append(out)
+        ref = run_keeping_first(lambda x: run(layer, x), inputs, keep)
     finally:
         for h in hooks:
             h.remove()
