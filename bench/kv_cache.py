@@ -82,7 +82,23 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--hf-peers", action="store_true", help="add transformers QuantizedCache rows (hqq venv)")
     ap.add_argument("--out", default=str(HERE / "results" / "kv_cache"))
+    ap.add_argument("--schemes", help="comma-separated subset of the llmzip schemes (bf16 is always measured)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other rows of OUT.json (same protocol required); rows measured now replace theirs")
     args = ap.parse_args()
+    schemes = SCHEMES
+    if args.schemes:
+        wanted = {"bf16", *(x.strip() for x in args.schemes.split(","))}
+        unknown = wanted - {n for n, _ in SCHEMES}
+        if unknown:
+            ap.error(f"unknown schemes {sorted(unknown)}; choose from {', '.join(n for n, _ in SCHEMES)}")
+        schemes = [(n, kw) for n, kw in SCHEMES if n in wanted]
+    command = " ".join(sys.argv)
+    old = json.loads(Path(args.out + ".json").read_text()) if args.merge else None
+    if old:
+        keys = ("ctx", "windows", "chunk", "calib_samples")
+        if any(old["meta"][k] != getattr(args, k) for k in keys):
+            raise SystemExit(f"--merge needs the same {', '.join(keys)} as {args.out}.json")
 
     rows = []
     for weights, path in (("bf16", str(demo_checkpoint("smollm2-135m"))), ("W4 g64", args.w4)):
@@ -93,7 +109,7 @@ def main() -> None:
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         base_bytes = bytes_per_token(None, mc.num_key_value_heads, head_dim)
-        for name, kw in SCHEMES:
+        for name, kw in schemes:
             cfg = None if kw is None else KVCacheConfig(name.split()[0], **kw)
             t0 = time.perf_counter()
             res = perplexity(model, ids, ctx=args.ctx, max_windows=args.windows, kv_cache=cfg, kv_chunk=args.chunk,
@@ -101,7 +117,7 @@ def main() -> None:
             per_layer = bytes_per_token(cfg, mc.num_key_value_heads, head_dim)
             rows.append({"weights": weights, "kv": name, "ppl": round(res.ppl, 4), "seconds": round(time.perf_counter() - t0, 1),
                          "bytes_per_token_per_layer": per_layer, "bytes_ratio": round(per_layer / base_bytes, 4),
-                         "protocol": res.kv_cache, "scored_tokens": res.tokens})
+                         "protocol": res.kv_cache, "scored_tokens": res.tokens, "command": command})
             print(json.dumps(rows[-1]), flush=True)
         if args.hf_peers and weights == "bf16":
             spans = windows(ids.numel(), args.ctx, None)[:args.windows]
@@ -109,21 +125,29 @@ def main() -> None:
                 if r.get("scored_tokens") not in (None, rows[0]["scored_tokens"]):
                     raise SystemExit(f"{r['kv']}: scored {r['scored_tokens']} tokens, llmzip {rows[0]['scored_tokens']}")
                 rows.append(r)
+    if old:  # the old rows in their order, each replaced by this run's row where there is one
+        new = {(r["weights"], r["kv"]): r for r in rows}
+        kept = [new.pop((r["weights"], r["kv"]), None) or {"command": old["meta"]["command"], **r}
+                for r in old["rows"]]
+        rows = kept + list(new.values())
     for r in rows:
         base = next(b for b in rows if b["weights"] == r["weights"] and b["kv"] == "bf16")
         r["ppl_vs_bf16_kv"] = None if r["ppl"] is None else round(r["ppl"] / base["ppl"], 4)
     meta = {"model": "SmolLM2-135M", "ctx": args.ctx, "windows": args.windows, "chunk": args.chunk,
             "calib_samples": args.calib_samples, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "command": " ".join(sys.argv)}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "command": command}
+    commands = list(dict.fromkeys(r.get("command", command) for r in rows))
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| weights | KV cache | ppl | ppl / bf16 KV | KV bytes/token/layer | vs bf16 |", "|---|---|---|---|---|---|"]
+    lines = ["| weights | KV cache | ppl | ppl / bf16 KV | KV bytes/token/layer | vs bf16 | run |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['weights']} | {r['kv']} | {r['ppl'] if r['ppl'] is not None else 'skipped: ' + r['skipped']} | "
-              f"{r['ppl_vs_bf16_kv'] or '-'} | {r['bytes_per_token_per_layer'] or '-'} | {r['bytes_ratio'] or '-'} |"
-              for r in rows]
+              f"{r['ppl_vs_bf16_kv'] or '-'} | {r['bytes_per_token_per_layer'] or '-'} | {r['bytes_ratio'] or '-'} | "
+              f"{commands.index(r.get('command', command)) + 1} |" for r in rows]
     Path(args.out + ".md").write_text(
         f"# KV-cache quantization, SmolLM2-135M\n\nppl on {args.windows} windows of {args.ctx} tokens (wiki), cache "
         f"fed {args.chunk} tokens at a time; FP8 scales calibrated on {args.calib_samples} x 512 'lee' tokens.\n\n"
-        f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")
+        + "Runs (column `run`):\n\n" + "".join(f"{i}. `{c}`\n" for i, c in enumerate(commands, 1)) + "\n"
+        + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
