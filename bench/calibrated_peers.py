@@ -338,7 +338,8 @@ def render(result: dict, results: Path) -> None:
         lines += ["", "Skipped rows, with the tool's own error:", ""]
         lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
     lines += ["", "llmzip / peer, same setting (below 1 favours llmzip; HQQ needs no calibration, so only ppl; "
-              "time and RSS are compared only between rows of the same run):", "",
+              "time and RSS are compared only between rows of the same run, and not for a run noted as "
+              "measured beside other work):", "",
               "| setting | llmzip vs peer | ppl ratio | quant time ratio | peak RSS ratio |",
               "|---|---|---:|---:|---:|"]
     by = {(r["setting"], r["tool_key"]): r for r in rows}
@@ -347,7 +348,8 @@ def render(result: dict, results: Path) -> None:
             a, p = by.get((s, ours)), by.get((s, peer))
             if not a or not p or not a.get("ppl") or not p.get("ppl"):
                 continue
-            full = full and _run(a)["id"] == _run(p)["id"]
+            # a run with a note on its conditions (e.g. beside other work) compares perplexity only
+            full = full and _run(a)["id"] == _run(p)["id"] and not _run(a).get("note")
             t = f"{a['quant_s'] / p['quant_s']:.2f}" if full else "-"
             m = f"{a['peak_rss_mib'] / p['peak_rss_mib']:.2f}" if full else "-"
             lines.append(f"| {s} | {a['tool']} vs {p['tool']} | {a['ppl'] / p['ppl']:.4f} | {t} | {m} |")
