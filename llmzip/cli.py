@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch (default: 16)")
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence (default: 2048)")
-    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                   help="KV pool storage: model dtype, int8 per token, or fp8 with calibrated scales (default: auto)")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "int2", "fp8"],
+                   help="KV pool storage: model dtype, int8 per token, int4/int2 KIVI (32-token pages, the open "
+                        "page in full precision), or fp8 with calibrated scales (default: auto)")
     s.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: max-num-seqs x max-model-len)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")

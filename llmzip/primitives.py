@@ -42,14 +42,22 @@ def qparams_from_range(
     hi = torch.clamp(hi.float(), min=0.0)
     tiny = torch.finfo(scale_dtype).tiny * 16
     if scheme.symmetric:
-        scale = torch.maximum(hi / scheme.qmax, lo / scheme.qmin)
+        scale = torch.maximum(_div(hi, scheme.qmax), _div(lo, scheme.qmin))
         scale = _store(scale.clamp(min=tiny), scale_dtype)
         return scale, None
     span = (1 << scheme.bits) - 1
-    scale = _store(((hi - lo) / span).clamp(min=tiny), scale_dtype)
+    scale = _store(_div(hi - lo, span).clamp(min=tiny), scale_dtype)
     s = scale.float()
     zero = torch.round(scheme.qmin - lo / s).clamp(scheme.qmin, scheme.qmax)
     return scale, zero.to(torch.int8)
+
+
+def _div(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x / n, correctly rounded on every device. CUDA turns a division by a Python number
+    into a multiplication by its reciprocal, one fp32 ulp off for most x (measured on an
+    H200: 71% of W4 g128 ranges / 15); where the quotient is a bf16 value that ulp decides
+    whether the stored scale steps up, so CPU and GPU checkpoints differed in 5.7% of scales."""
+    return x / torch.tensor(float(n), dtype=x.dtype, device=x.device)
 
 
 def _store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

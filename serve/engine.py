@@ -33,7 +33,7 @@ import torch
 
 from llmzip.kv_cache import cache_kwarg
 
-from .kv_pool import KVPool, StepCache, paged_step, register_paged_attention
+from .kv_pool import KIVI, KVPool, RowSpans, StepCache, paged_step, register_paged_attention
 from .lean import lean_model
 from .sampling import SamplingParams, sample
 
@@ -68,6 +68,7 @@ class Sequence:
     emit: Callable[[Event], None]
     out: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    slot: int = -1  # KIVI pools: the residual slot holding this sequence's open page
     pos: int = 0  # tokens already in the KV pool
     sent: int = 0  # characters of text already emitted
     finished: bool = False
@@ -83,7 +84,7 @@ class EngineConfig:
     max_model_len: int = 2048
     kv_cache_tokens: int | None = None  # pool capacity; None: max_num_seqs * max_model_len
     kv_dtype: str = "auto"
-    page: int = 16
+    page: int | None = None  # tokens per KV page; None: 32 for int4/int2 (their key group), else 16
     prefill_chunk: int = 512
     max_queue: int = 256
     attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
@@ -104,8 +105,9 @@ class Engine:
         self.device = param.device
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.dtype = dtype
-        self.pool = KVPool(mc.num_hidden_layers, -(-tokens // config.page) + 1, kv_heads, head_dim, dtype,
-                           self.device, config.page, config.kv_dtype, kv_scales)
+        page = config.page or (32 if config.kv_dtype in KIVI else 16)
+        self.pool = KVPool(mc.num_hidden_layers, -(-tokens // page) + 1, kv_heads, head_dim, dtype,
+                           self.device, page, config.kv_dtype, kv_scales, slots=config.max_num_seqs)
         self.eos = _eos_ids(model, tokenizer)
         self.paged = self._use_paged_kernel(config)
         if self.paged:
@@ -132,6 +134,9 @@ class Engine:
     def _use_paged_kernel(self, config: EngineConfig) -> bool:
         if config.attention not in ("auto", "kernel", "gather"):
             raise ValueError(f"attention {config.attention!r}: choose auto, kernel or gather")
+        if config.attention == "kernel" and config.kv_dtype != "int8":
+            raise ValueError(f"the paged attention kernel reads an int8 pool, not {config.kv_dtype!r}: use "
+                             "attention='gather' or 'auto'")
         if config.attention == "gather" or config.kv_dtype != "int8":
             return False
         from llmzip.kernels import triton_kv_attention as tk
@@ -236,6 +241,7 @@ class Engine:
                 break  # first come, first served: later requests wait too
             self.waiting.popleft()
             seq.pages = self.pool.allocate(n)
+            seq.slot = self.pool.allocate_slot()
             self.prefilling.append(seq)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -254,7 +260,9 @@ class Engine:
         dev = self.device
         paged = self.paged and positions.shape[1] == 1
         lengths = (positions[:, 0] + 1).to(dev) if paged else None
-        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev), lengths)
+        rows = RowSpans(table, [s.slot for s in seqs], positions[:, 0], positions.shape[1], page, dev) \
+            if self.pool.kivi else None
+        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev), lengths, rows)
         if self.lean is not None and not paged:
             return self.lean(ids.to(dev), positions.to(dev), mask.to(dev), cache)
         with paged_step(self.model, cache) if paged else contextlib.nullcontext():
@@ -332,7 +340,8 @@ class Engine:
         if seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.release(seq.pages)
-        seq.pages = []
+        self.pool.release_slot(seq.slot)
+        seq.pages, seq.slot = [], -1
         self.stats[{"abort": "aborted", "error": "failed"}.get(reason, "finished")] += 1
         self._emit(seq, text[seq.sent:] if reason in ("stop", "length") else "", reason)
 

@@ -12,7 +12,15 @@ block tables with it reads zeros, never stale values. Capacity is fixed at start
   its pages (or, on CUDA, by the paged attention kernel);
 - "fp8": float8 e4m3 with one scale per layer for K and one for V: the calibrated scales
   of the checkpoint (`llmzip quantize --kv-cache fp8`) when present, otherwise set from
-  the first prompt's K/V of each layer.
+  the first prompt's K/V of each layer;
+- "int4", "int2": KIVI (llmzip.kv_cache's scheme with group = page): a full page stores
+  its keys per channel over the page's tokens and its values per token over groups of
+  `page` channels, codes packed LSB first into uint8 [pages, kv_heads, page, D*bits/8],
+  fp16 scale and minimum. A sequence's open page (the one it is still writing) lives in
+  full precision in a residual slot of its own ([slots, kv_heads, page, D] per layer,
+  one slot per running sequence) and is quantized into its page the moment it fills.
+  So the newest 0..page-1 tokens are read in full precision and every older token is read
+  back quantized, as QuantizedKVCache does with a residual window of the open page.
 
 One engine step calls the model once with a `StepCache` that knows, for each row of the
 batch, its block table and the positions the new tokens take. Attention then sees, per
@@ -27,29 +35,47 @@ import torch
 from transformers.cache_utils import Cache
 
 from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_fp8, dequantize_int8,
-                             fp8_scale, quantize_fp8, quantize_int8)
+                             fp8_scale, pack_codes, quantize_asym, quantize_fp8, quantize_int8, unpack_codes)
 
-KV_POOL_DTYPES = ("auto", "int8", "fp8")
+KV_POOL_DTYPES = ("auto", "int8", "int4", "int2", "fp8")
+KIVI = {"int4": 4, "int2": 2}  # pool dtype -> bits
 
 
 class KVPool:
     def __init__(self, num_layers: int, num_pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device, page: int = 16, kv_dtype: str = "auto", scales: list | None = None):
+                 device, page: int = 16, kv_dtype: str = "auto", scales: list | None = None, slots: int = 0):
         if kv_dtype not in KV_POOL_DTYPES:
             raise ValueError(f"--kv-cache-dtype {kv_dtype!r}: choose one of {', '.join(KV_POOL_DTYPES)}")
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved)")
         self.num_layers, self.num_pages, self.page = num_layers, num_pages, page
         self.kv_heads, self.head_dim, self.dtype, self.kv_dtype = kv_heads, head_dim, dtype, kv_dtype
-        shape = (num_pages, kv_heads, page, head_dim)
-        store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}[kv_dtype]
+        self.bits = KIVI.get(kv_dtype)
+        if self.bits and (head_dim * self.bits % 8 or head_dim % min(page, head_dim)):
+            raise ValueError(f"--kv-cache-dtype {kv_dtype} needs head_dim ({head_dim}) to split into whole bytes and "
+                             f"into groups of {page} channels")
+        shape = (num_pages, kv_heads, page, head_dim * self.bits // 8 if self.bits else head_dim)
+        store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}.get(kv_dtype, torch.uint8)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
-        self.kp = self.vp = None  # int8: (scale, zero) per token and head, per layer
+        self.kp = self.vp = None  # int8: (scale, zero) per token and head; KIVI: (scale, min); per layer
         if kv_dtype == "int8":
             pshape = (num_pages, kv_heads, page, 1)
             self.kp = [_params(pshape, device) for _ in range(num_layers)]
             self.vp = [_params(pshape, device) for _ in range(num_layers)]
+        self.rk = self.rv = None  # KIVI: full-precision open page per slot, per layer
+        self.free_slots: list[int] = []
+        if self.bits:
+            if slots < 1:
+                raise ValueError(f"--kv-cache-dtype {kv_dtype} needs residual slots (one per running sequence)")
+            self.vgroup = min(page, head_dim)
+            kshape, vshape = (num_pages, kv_heads, 1, head_dim), (num_pages, kv_heads, page, head_dim // self.vgroup)
+            self.kp = [_scale_min(kshape, device) for _ in range(num_layers)]
+            self.vp = [_scale_min(vshape, device) for _ in range(num_layers)]
+            rshape = (slots, kv_heads, page, head_dim)
+            self.rk = [torch.zeros(rshape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.rv = [torch.zeros(rshape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.free_slots = list(range(slots - 1, -1, -1))
         self.fp8_scales = [None] * num_layers if scales is None else [
             (torch.tensor(float(k), device=device), torch.tensor(float(v), device=device)) for k, v in scales]
         self.free = list(range(num_pages - 1, 0, -1))  # page 0 reserved
@@ -62,9 +88,14 @@ class KVPool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page)
 
+    @property
+    def kivi(self) -> bool:
+        return self.bits is not None
+
     def bytes_per_token(self) -> float:
-        """Bytes one token takes in the pool over all layers (K and V, with scales)."""
-        cfg = None if self.kv_dtype == "auto" else KVCacheConfig(self.kv_dtype)
+        """Bytes one token takes in the pool's pages over all layers (K and V, with scales);
+        KIVI's residual slots (one page per running sequence) are a fixed amount on top."""
+        cfg = None if self.kv_dtype == "auto" else KVCacheConfig(self.kv_dtype, residual=0, group=self.page)
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return float(bytes_per_token(cfg, self.kv_heads, self.head_dim, elem) * self.num_layers)
 
@@ -75,6 +106,18 @@ class KVPool:
 
     def release(self, pages: list[int]) -> None:
         self.free.extend(reversed(pages))
+
+    def allocate_slot(self) -> int:
+        """A KIVI residual slot for a sequence that starts running (-1 for other dtypes)."""
+        if not self.kivi:
+            return -1
+        if not self.free_slots:
+            raise RuntimeError("no free KV residual slot: more running sequences than the pool was built for")
+        return self.free_slots.pop()
+
+    def release_slot(self, slot: int) -> None:
+        if slot >= 0:
+            self.free_slots.append(slot)
 
     # -- reading and writing ---------------------------------------------------
     def write(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -99,6 +142,63 @@ class KVPool:
         """K, V [rows, kv_heads, pages*page, head_dim] for block tables `table` [rows, pages]."""
         return self._gather(layer, table, self.k, self.kp, 0), self._gather(layer, table, self.v, self.vp, 1)
 
+    # -- KIVI (int4/int2): pages quantized when full, the open page in a residual slot --
+    def write_rows(self, layer: int, rows: "RowSpans", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v [rows, kv_heads, q, D] at each row's next positions (rows.starts).
+        A page quantizes once it is full; the unfilled rest stays in the row's slot."""
+        page, rk, rv = self.page, self.rk[layer], self.rv[layer]
+        if k.shape[2] == 1:  # decode: one token per row, vectorised over rows
+            offs = rows.starts_dev % page
+            rk[rows.slots_dev, :, offs] = k[:, :, 0].to(rk.dtype)
+            rv[rows.slots_dev, :, offs] = v[:, :, 0].to(rv.dtype)
+            if rows.filled is not None:  # rows whose open page just filled
+                idx, pages = rows.filled
+                self._store_pages(layer, pages, rk[rows.slots_dev[idx]], rv[rows.slots_dev[idx]])
+            return
+        for r in range(k.shape[0]):  # prefill chunks: a row's tokens may span many pages
+            start, slot = int(rows.starts[r]), int(rows.slots[r])
+            fill = start % page
+            kk = torch.cat([rk[slot, :, :fill], k[r].to(rk.dtype)], dim=1)  # from the open page's start
+            vv = torch.cat([rv[slot, :, :fill], v[r].to(rv.dtype)], dim=1)
+            full = kk.shape[1] // page
+            if full:
+                first = start // page
+                pages = rows.table[r, first:first + full].to(rk.device)
+                H, D = kk.shape[0], kk.shape[2]
+                as_pages = lambda x: x[:, :full * page].reshape(H, full, page, D).transpose(0, 1)  # noqa: E731
+                self._store_pages(layer, pages, as_pages(kk), as_pages(vv))
+            rest = kk.shape[1] - full * page
+            rk[slot, :, :rest] = kk[:, full * page:]
+            rv[slot, :, :rest] = vv[:, full * page:]
+
+    def _store_pages(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize whole pages k, v [n, kv_heads, page, D] into pool pages `pages` [n]."""
+        q, s, m = quantize_asym(k, self.bits, 2, PARAM_DTYPE)  # keys: per channel over the page's tokens
+        self.k[layer][pages] = pack_codes(q, self.bits)
+        self.kp[layer][0][pages], self.kp[layer][1][pages] = s, m
+        n, H, T, D = v.shape
+        q, s, m = quantize_asym(v.reshape(n, H, T, D // self.vgroup, self.vgroup), self.bits, 4, PARAM_DTYPE)
+        self.v[layer][pages] = pack_codes(q.reshape(n, H, T, D), self.bits)
+        self.vp[layer][0][pages], self.vp[layer][1][pages] = s[..., 0], m[..., 0]
+
+    def read_rows(self, layer: int, rows: "RowSpans") -> tuple[torch.Tensor, torch.Tensor]:
+        """KIVI read: dequantized pages with each row's open page taken from its slot."""
+        table, page = rows.table_dev, self.page
+        kq = unpack_codes(self.k[layer][table], self.bits).float()  # [rows, n, H, page, D]
+        k = kq * self.kp[layer][0][table].float() + self.kp[layer][1][table].float()
+        vq = unpack_codes(self.v[layer][table], self.bits).float()
+        sh = vq.shape
+        vq = vq.reshape(*sh[:-1], sh[-1] // self.vgroup, self.vgroup)
+        v = (vq * self.vp[layer][0][table].float()[..., None] + self.vp[layer][1][table].float()[..., None]).reshape(sh)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        if rows.open is not None:  # rows with a partly written page: read it from the slot in full precision
+            idx, at = rows.open
+            k[idx, at] = self.rk[layer][rows.slots_dev[idx]]
+            v[idx, at] = self.rv[layer][rows.slots_dev[idx]]
+        n_rows, n = table.shape
+        shape = (n_rows, self.kv_heads, n * page, self.head_dim)
+        return k.permute(0, 2, 1, 3, 4).reshape(shape), v.permute(0, 2, 1, 3, 4).reshape(shape)
+
     def _gather(self, layer, table, store, params, which):
         rows, n = table.shape
         x = store[layer][table]  # [rows, n, H, page, D]
@@ -108,6 +208,28 @@ class KVPool:
         elif self.kv_dtype == "fp8":
             x = dequantize_fp8({"q": x}, self.fp8_scales[layer][which], self.dtype)
         return x.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, n * self.page, self.head_dim)
+
+
+def _scale_min(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A KIVI pool layer's (scale, min), both fp16."""
+    return torch.zeros(shape, dtype=PARAM_DTYPE, device=device), torch.zeros(shape, dtype=PARAM_DTYPE, device=device)
+
+
+class RowSpans:
+    """Where one step's rows write in a KIVI pool: row r appends q tokens from position
+    starts[r] into residual slot slots[r]. Built on the host (where positions are known),
+    so the pool's per-step decisions (which pages fill, which rows have an open page)
+    need no device sync. table: [rows, pages] block tables (host)."""
+
+    def __init__(self, table: torch.Tensor, slots: list[int], starts: torch.Tensor, q: int, page: int, device):
+        self.table, self.starts, self.slots = table, starts, torch.tensor(slots, dtype=torch.long)
+        self.table_dev, self.slots_dev, self.starts_dev = (t.to(device) for t in (table, self.slots, starts))
+        ends = starts + q  # tokens per row after this step
+        filled = ((starts % page) + q >= page).nonzero().flatten() if q == 1 else torch.empty(0, dtype=torch.long)
+        self.filled = None if not len(filled) else (
+            filled.to(device), table[filled, starts[filled] // page].to(device))
+        open_rows = (ends % page != 0).nonzero().flatten()
+        self.open = None if not len(open_rows) else (open_rows.to(device), (ends[open_rows] // page).to(device))
 
 
 def _params(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +247,15 @@ class StepCache(Cache):
     and attention reads the pool itself (see `paged_attention`)."""
 
     def __init__(self, pool: KVPool, table: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
-                 lengths: torch.Tensor | None = None):
+                 lengths: torch.Tensor | None = None, rows: RowSpans | None = None):
         super().__init__(layers=[])
         self.pool, self.table, self.pages, self.offsets, self.lengths = pool, table, pages, offsets, lengths
+        self.rows = rows  # KIVI pools: where each row writes (see RowSpans)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.rows is not None:
+            self.pool.write_rows(layer_idx, self.rows, key_states, value_states)
+            return self.pool.read_rows(layer_idx, self.rows)
         # key_states: [rows, H, q, D] -> one entry per (row, token)
         k = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1:2], key_states.shape[-1])
         v = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1:2], value_states.shape[-1])

@@ -72,8 +72,8 @@ def serve(args) -> int:
 
 def vllm_command(args) -> list[str]:
     """vLLM's OpenAI server on the same checkpoint, with our options mapped to its flags."""
-    if args.kv_cache_dtype in ("int8",):
-        raise ValueError("vLLM has no int8 KV cache: use --kv-cache-dtype auto or fp8 with --engine vllm")
+    if args.kv_cache_dtype in ("int8", "int4", "int2"):
+        raise ValueError(f"vLLM has no {args.kv_cache_dtype} KV cache: use --kv-cache-dtype auto or fp8 with --engine vllm")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model_dir),
            "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_num_seqs),
            "--max-model-len", str(args.max_model_len), "--kv-cache-dtype", args.kv_cache_dtype,

@@ -99,11 +99,78 @@ def test_quantized_pool_round_trip(kv_dtype, floor_db):
         assert sqnr > floor_db
 
 
+@pytest.mark.parametrize("kv_dtype, bits", [("int4", 4), ("int2", 2)])
+def test_kivi_pool_reads_full_pages_quantized_and_the_open_page_exact(kv_dtype, bits):
+    """Two rows written as one prefill chunk and then token by token: every full page reads
+    back exactly what llmzip.kv_cache's KIVI functions give for that page (group = page),
+    and the open page reads back bit-exact from the row's residual slot."""
+    from llmzip.kv_cache import KVCacheConfig, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+    from llmzip.serve.kv_pool import RowSpans
+
+    torch.manual_seed(0)
+    page, H, D = 4, 2, 16
+    pool = KVPool(1, 12, H, D, torch.float32, "cpu", page=page, kv_dtype=kv_dtype, slots=2)
+    tables = [pool.allocate(4), pool.allocate(4)]
+    slots = [pool.allocate_slot(), pool.allocate_slot()]
+    table = torch.tensor(tables)
+    k, v = torch.randn(2, H, 13, D), torch.randn(2, H, 13, D) * 3
+    spans = []
+    for r in range(2):  # prefill 6 tokens of each row (one and a half pages), one row at a time
+        spans.append(RowSpans(table[r:r + 1], [slots[r]], torch.tensor([0]), 6, page, "cpu"))
+        pool.write_rows(0, spans[-1], k[r:r + 1, :, :6], v[r:r + 1, :, :6])
+    for t in range(6, 13):  # then decode both rows together
+        rows = RowSpans(table, slots, torch.tensor([t, t]), 1, page, "cpu")
+        pool.write_rows(0, rows, k[:, :, t:t + 1], v[:, :, t:t + 1])
+    rk, rv = pool.read_rows(0, rows)  # 13 tokens: 3 full pages + 1 open token
+    cfg = KVCacheConfig(kv_dtype, residual=0, group=page)
+    full = 12
+    want_k = dequantize_keys(quantize_keys(k[:, :, :full], cfg), cfg, torch.float32)
+    want_v = dequantize_values(quantize_values(v[:, :, :full], cfg), cfg, torch.float32)
+    assert torch.equal(rk[:, :, :full], want_k) and torch.equal(rv[:, :, :full], want_v)
+    assert torch.equal(rk[:, :, full:13], k[:, :, full:]) and torch.equal(rv[:, :, full:13], v[:, :, full:])
+    floor_db = {4: 17.0, 2: 5.0}[bits]  # min/max over 4 tokens (keys) or 4 channels (values)
+    for x, r in ((k, rk), (v, rv)):
+        sqnr = 10 * torch.log10(x[:, :, :full].pow(2).sum() / (x[:, :, :full] - r[:, :, :full]).pow(2).sum())
+        assert sqnr > floor_db
+
+
+def test_kivi_pool_engine_equals_generate_with_the_same_quantized_cache():
+    """An int4 pool with 4-token pages decodes, token for token, what model.generate does
+    with llmzip.QuantizedKVCache(int4, residual=0, group=4): both quantize a group of 4
+    tokens once it is full and read the rest in full precision. Three requests of
+    different lengths run at once, joining and leaving the batch."""
+    kivi_engine_equals_generate("cpu")
+
+
+def kivi_engine_equals_generate(device: str):
+    from llmzip.kv_cache import KVCacheConfig, QuantizedKVCache, cache_kwarg
+
+    torch.manual_seed(2)
+    model = model_without_eos().to(device)
+    eng = Engine(model, Tok(), EngineConfig(max_num_seqs=2, max_model_len=128, page=4, kv_dtype="int4",
+                                            prefill_chunk=64))
+    assert eng.pool.kivi and eng.pool.page == 4
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 12, 3)]
+    lengths = [14, 9, 11]
+    runs = [collect(eng, p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+    eng.run_until_done()
+    cfg = KVCacheConfig("int4", residual=0, group=4)
+    for p, n, events in zip(prompts, lengths, runs):
+        out = model.generate(torch.tensor([p], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0, **{cache_kwarg(model): QuantizedKVCache(cfg)})
+        assert [t for e in events for t in e.tokens] == out[0, len(p):].tolist()
+    assert len(eng.pool.free) == eng.pool.num_pages - 1 and len(eng.pool.free_slots) == 2  # all returned
+
+
 def test_pool_bytes_per_token():
     kw = dict(num_layers=30, num_pages=4, kv_heads=3, head_dim=64, dtype=torch.bfloat16, device="cpu")
     assert KVPool(**kw).bytes_per_token() == 30 * 2 * 3 * 64 * 2
     assert KVPool(**kw, kv_dtype="int8").bytes_per_token() == 30 * (2 * 3 * 64 + 2 * 3 * 3)  # fp16 scale, uint8 zero
     assert KVPool(**kw, kv_dtype="fp8").bytes_per_token() == 30 * 2 * 3 * 64
+    # int4, 32-token pages: codes 2 x 3 x 32 B; key scale+min per channel per page, value scale+min per
+    # token per 32 channels (fp16): 0.3125x of bf16
+    assert KVPool(**kw, page=32, kv_dtype="int4", slots=1).bytes_per_token() == 30 * (2 * 3 * 32 + 3 * 64 * 4 / 32
+                                                                                        + 3 * 2 * 4)
 
 
 def test_sampling_rules():

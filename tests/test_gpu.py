@@ -133,6 +133,12 @@ def test_engine_on_cuda_equals_generate():
     assert len(eng.pool.free) == eng.pool.num_pages - 1
 
 
+def test_engine_int4_pool_on_cuda_equals_generate_with_the_same_quantized_cache():
+    from test_engine import kivi_engine_equals_generate
+
+    kivi_engine_equals_generate("cuda")
+
+
 def test_engine_w4_int8_pool_on_cuda_kernels_match_gather():
     """A W4 model (Triton qmm) with the int8 pool on CUDA: the paged attention kernel (chosen
     automatically there) decodes the same greedy tokens as dequantize-and-gather."""
