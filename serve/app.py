@@ -164,8 +164,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                     next_check = now + 0.25
                     if await request.is_disconnected():
                         return
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), timeout=min(0.25, deadline - now))
+                try:  # a waiting event needs no timer task; only an empty queue is waited on
+                    i, ev = queue.get_nowait() if not queue.empty() else \
+                        await asyncio.wait_for(queue.get(), timeout=min(0.25, deadline - now))
                 except asyncio.TimeoutError:
                     continue
                 if ev.finish_reason == "error":

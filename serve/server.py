@@ -22,6 +22,9 @@ def require_serve_deps() -> None:
         raise ImportError(f"llmzip serve needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
+SWITCH_INTERVAL = 2e-4  # seconds; see serve()
+
+
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
                  max_queue: int = 256, kv_cache_tokens: int | None = None):
     import torch
@@ -52,7 +55,15 @@ def serve(args) -> int:
     if args.engine == "vllm":
         return run_vllm(args)
     require_serve_deps()
+    import sys
+
     import uvicorn
+
+    # The engine thread runs hundreds of small torch ops per step, each releasing and retaking
+    # the GIL, while the event loop thread streams tokens. With the default 5 ms switch interval
+    # the engine waits up to 5 ms for the GIL after an op; 0.2 ms served 20% more tokens/s at
+    # 8 streams on a 2-core CPU (SmolLM2 W4: 105 -> 126 tok/s, bench/serve.py).
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
     from .app import create_app
 
