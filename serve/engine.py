@@ -130,6 +130,7 @@ class Engine:
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.external_loop = False  # True while run_loop() drives the engine from its caller's thread
 
     def _use_paged_kernel(self, config: EngineConfig) -> bool:
         if config.attention not in ("auto", "kernel", "gather"):
@@ -175,9 +176,19 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> None:
+        """Run the loop in a new thread, unless `run_loop` runs it in the caller's thread."""
         self._stop = False
+        if self.external_loop:
+            return
         self._thread = threading.Thread(target=self._loop, name="llmzip-engine", daemon=True)
         self._thread.start()
+
+    def run_loop(self) -> None:
+        """Run the loop in this thread until `shutdown` (for `llmzip serve`: the thread that
+        loaded the model). On CPU, torch's OpenMP ops issued from a second thread, after the
+        main thread has used OpenMP, ran 1.5x slower here (bench/results/serve_engine.md)."""
+        self.external_loop = True
+        self._loop()
 
     def shutdown(self) -> None:
         with self._lock:

@@ -56,6 +56,7 @@ def serve(args) -> int:
         return run_vllm(args)
     require_serve_deps()
     import sys
+    import threading
 
     import uvicorn
 
@@ -77,8 +78,29 @@ def serve(args) -> int:
     log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", args.model_dir, name,
              args.host, args.port, engine.pool.capacity_tokens, engine.pool.bytes_per_token() / 1024,
              args.kv_cache_dtype)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
+    # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    failed = []
+
+    def http():
+        try:
+            server.run()
+            failed.append(not server.started)
+        finally:
+            engine.shutdown()  # ends run_loop below (also when the port could not be bound)
+
+    engine.external_loop = True
+    thread = threading.Thread(target=http, name="llmzip-http", daemon=True)
+    thread.start()
+    try:
+        engine.run_loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    return 1 if any(failed) else 0
 
 
 def vllm_command(args) -> list[str]:

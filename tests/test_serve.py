@@ -236,3 +236,44 @@ def test_request_timeout_answers_504_and_frees_the_slot(served):
         assert engine.stats["aborted"] - aborted == 1
     finally:
         srv.stop()
+
+
+def test_cli_server_answers_and_stops_on_ctrl_c(w4_dir):
+    """`llmzip serve` as users run it: HTTP in a thread, the engine loop in the main thread
+    (the one that loaded the model); it answers, and SIGINT stops it with exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmzip", "serve", str(w4_dir), "--port", str(port),
+                             "--served-model-name", "m", "--max-num-seqs", "2", "--max-model-len", "128"],
+                            env={**os.environ, "LLMZIP_API_KEY": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, f"server did not come up (exit {proc.poll()})"
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                "ignore_eos": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out = json.loads(r.read())
+        assert r.status == 200 and out["usage"]["completion_tokens"] == 4
+        assert out["choices"][0]["finish_reason"] == "length"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stdout.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
