@@ -175,13 +175,13 @@ def run_server(kind: str, spec: str, streams: list[int], per_stream: int, max_to
 
 def run_engine(model_dir: str, streams: list[int], per_stream: int, max_tokens: int) -> dict:
     """The llmzip engine without the server: each stream submits its requests back to back
-    from a thread, as the HTTP load generator does, and reads its events directly."""
+    from a thread, as the HTTP load generator does, and reads its events directly; the
+    engine loop runs in this thread, which loaded the model, as in `llmzip serve`."""
     from llmzip.serve.server import build_engine
     from llmzip.serve.sampling import SamplingParams
 
     eng = build_engine(model_dir, max_num_seqs=max(streams), max_model_len=512, kv_dtype="auto")
     ids = [eng.tokenizer.encode(p) for p in PROMPTS]
-    eng.start()
 
     def once(prompt: list[int], n: int) -> dict:
         done, first, last = threading.Event(), [], []
@@ -199,25 +199,29 @@ def run_engine(model_dir: str, streams: list[int], per_stream: int, max_tokens: 
         return {"ttft": first[0] - t0 if first else None, "seconds": time.perf_counter() - t0,
                 "tokens": last[0].completion_tokens}
 
+    def drive(jobs: list) -> float:
+        """Run the jobs' threads against the engine looping here; wall seconds."""
+        def control():
+            for t in jobs:
+                t.start()
+            for t in jobs:
+                t.join()
+            eng.shutdown()
+
+        t0 = time.perf_counter()
+        eng.external_loop = True  # start() then only clears the stop flag; run_loop() below loops
+        eng.start()
+        threading.Thread(target=control).start()
+        eng.run_loop()
+        return time.perf_counter() - t0
+
     out = {}
-    try:
-        for n in streams:
-            warm = [threading.Thread(target=once, args=(ids[s % len(ids)], 4)) for s in range(max(n, len(ids)))]
-            for t in warm:
-                t.start()
-            for t in warm:
-                t.join()
-            results = []
-            workers = [threading.Thread(target=lambda s=s: [results.append(once(ids[(s + j) % len(ids)], max_tokens))
-                                                            for j in range(per_stream)]) for s in range(n)]
-            t0 = time.perf_counter()
-            for t in workers:
-                t.start()
-            for t in workers:
-                t.join()
-            out[n] = summarize(results, time.perf_counter() - t0)
-    finally:
-        eng.shutdown()
+    for n in streams:
+        drive([threading.Thread(target=once, args=(ids[s % len(ids)], 4)) for s in range(max(n, len(ids)))])
+        results = []
+        wall = drive([threading.Thread(target=lambda s=s: [results.append(once(ids[(s + j) % len(ids)], max_tokens))
+                                                           for j in range(per_stream)]) for s in range(n)])
+        out[n] = summarize(results, wall)
     return out
 
 
