@@ -130,7 +130,9 @@ class Engine:
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.external_loop = False  # True while run_loop() drives the engine from its caller's thread
+        # Set before the app starts when the caller will drive the loop with run_loop();
+        # start() then spawns no thread.
+        self.external_loop = False
 
     def _use_paged_kernel(self, config: EngineConfig) -> bool:
         if config.attention not in ("auto", "kernel", "gather"):
@@ -183,13 +185,18 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="llmzip-engine", daemon=True)
         self._thread.start()
 
-    def run_loop(self) -> None:
+    def run_loop(self, poll: float = 0.2) -> None:
         """Run the loop in this thread until `shutdown` (for `llmzip serve`: the thread that
-        loaded the model). On CPU, torch's OpenMP ops issued from a second thread, after the
-        main thread has used OpenMP, ran ~1.5x slower here (SmolLM2 W4, 8 streams, the engine
-        without HTTP: 128 vs 192 tok/s)."""
-        self.external_loop = True
-        self._loop()
+        loaded the model, with `external_loop` set before start()). On CPU, torch's OpenMP ops
+        issued from a second thread, after the main thread has used OpenMP, ran ~1.5x slower
+        here (SmolLM2 W4, 8 streams, the engine without HTTP: 128 vs 192 tok/s).
+
+        While idle it wakes every `poll` seconds: the kernel may deliver a process's SIGINT to
+        any of its threads, and a Python signal handler runs only when the main thread next
+        runs bytecode, so an untimed wait there could sleep through Ctrl-C."""
+        if not self.external_loop or self._thread is not None:
+            raise RuntimeError("set engine.external_loop = True before start() to drive the loop with run_loop()")
+        self._loop(poll)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -207,12 +214,12 @@ class Engine:
                 "kv_pages_used": used, "kv_pages_total": self.pool.num_pages - 1}
 
     # -- engine thread -----------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, poll: float | None = None) -> None:
         while True:
             with self._lock:
                 while not self._stop and not (self._incoming or self._aborts or self.waiting
                                               or self.prefilling or self.decoding):
-                    self._lock.wait()
+                    self._lock.wait(poll)
                 if self._stop:
                     return
             try:

@@ -23,6 +23,7 @@ def require_serve_deps() -> None:
 
 
 SWITCH_INTERVAL = 2e-4  # seconds; see serve()
+GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C, running requests get this long to finish
 
 
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
@@ -55,15 +56,14 @@ def serve(args) -> int:
     if args.engine == "vllm":
         return run_vllm(args)
     require_serve_deps()
-    import sys
+    import signal
     import threading
 
     import uvicorn
 
     # The engine thread runs hundreds of small torch ops per step, each releasing and retaking
-    # the GIL, while the event loop thread streams tokens. With the default 5 ms switch interval
-    # the engine waits up to 5 ms for the GIL after an op; 0.2 ms served 20% more tokens/s at
-    # 8 streams on a 2-core CPU (SmolLM2 W4: 105 -> 126 tok/s, bench/serve.py).
+    # the GIL, while the HTTP thread streams tokens. With the default 5 ms switch interval the
+    # engine can wait up to 5 ms for the GIL after an op; 0.2 ms bounds that wait.
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     from .app import create_app
@@ -80,7 +80,8 @@ def serve(args) -> int:
              args.kv_cache_dtype)
     # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
     # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     failed = []
 
     def http():
@@ -90,16 +91,21 @@ def serve(args) -> int:
         finally:
             engine.shutdown()  # ends run_loop below (also when the port could not be bound)
 
+    # uvicorn installs its signal handlers only in the main thread, which runs the engine here:
+    # install them for it. Ctrl-C or SIGTERM stops accepting requests and lets running ones
+    # finish (up to GRACEFUL_SHUTDOWN_S); a second Ctrl-C stops at once. Either way the HTTP
+    # thread ends, shuts the engine down, and run_loop returns.
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     engine.external_loop = True
     thread = threading.Thread(target=http, name="llmzip-http", daemon=True)
     thread.start()
     try:
         engine.run_loop()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=GRACEFUL_SHUTDOWN_S + 10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 1 if any(failed) else 0
 
 

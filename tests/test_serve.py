@@ -237,3 +237,83 @@ def test_request_timeout_answers_504_and_frees_the_slot(served):
     finally:
         srv.stop()
 
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread of another process (Linux x86_64 tgkill)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, sig) != 0:  # 234: SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+def _send(proc, how: str) -> None:
+    import os
+    import signal
+
+    if how.startswith("sigterm"):
+        proc.send_signal(signal.SIGTERM)
+    else:  # SIGINT to a thread other than the main one
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        _tgkill(proc.pid, others[0], signal.SIGINT)
+
+
+@pytest.mark.parametrize("how", ["sigint-other-thread-idle", "sigint-other-thread-streaming", "sigterm-streaming"])
+def test_cli_server_finishes_running_requests_and_stops_on_signal(w4_dir, how):
+    """`llmzip serve` as users run it: HTTP in a thread, the engine loop in the main thread
+    (the one that loaded the model). A stream in flight when Ctrl-C or SIGTERM arrives
+    finishes all its tokens; then (or at once when idle) the server exits with code 0. The
+    kernel may hand a process's SIGINT to any of its threads; the "other-thread" cases send
+    it to a thread other than the main one, where an untimed wait in the main thread would
+    never see it."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if how.startswith("sigint") and (sys.platform != "linux" or platform.machine() != "x86_64"):
+        pytest.skip("tgkill's syscall number is x86_64 Linux's")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmzip", "serve", str(w4_dir), "--port", str(port),
+                             "--served-model-name", "m", "--max-num-seqs", "2", "--max-model-len", "128"],
+                            env={**os.environ, "LLMZIP_API_KEY": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, f"server did not come up (exit {proc.poll()})"
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        max_tokens = 48
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "m", "prompt": "The capital of France is", "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        events = []
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            events.append(json.loads(line[6:]))
+            if len(events) == 1 and how.endswith("streaming"):  # the first token is out
+                _send(proc, how)
+        finish = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
+        assert finish == ["length"]
+        assert events[-1]["usage"]["completion_tokens"] == max_tokens
+        if how.endswith("idle"):
+            time.sleep(0.5)  # the engine is waiting for work
+            _send(proc, how)
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stdout.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
