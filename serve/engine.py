@@ -5,8 +5,12 @@ Every step of the loop:
 2. admits waiting sequences while fewer than `max_num_seqs` run and the pool has the
    pages for prompt + max_tokens (reserved up front, so a running sequence never waits
    for memory and nothing is ever preempted);
-3. runs one prefill chunk (at most `prefill_chunk` prompt tokens of the oldest
-   sequence still prefilling), then one decode step for every sequence that is decoding.
+3. with the lean forward (serve/lean.py, Llama-family models): runs ONE forward pass for
+   every decoding sequence's next token plus the next prompt chunks of the prefilling
+   sequences, oldest first, up to `prefill_chunk` prompt tokens in all; so eight requests
+   that arrive together are prefilled in one pass, beside the running decodes. With the
+   model's own forward (other architectures, or the paged int8 attention kernel): one
+   prefill chunk of the oldest prefilling sequence, then one decode pass.
 So requests join and leave the running batch at every step, and a long prompt is
 prefilled in pieces between decode steps instead of stalling them.
 
@@ -34,7 +38,7 @@ import torch
 from llmzip.kv_cache import cache_kwarg
 
 from .kv_pool import KIVI, KVPool, RowSpans, StepCache, paged_step, register_paged_attention
-from .lean import lean_model
+from .lean import Group, lean_model
 from .sampling import SamplingParams, sample
 
 log = logging.getLogger("llmzip.serve")
@@ -240,6 +244,10 @@ class Engine:
             self._finish(seq, "abort")
         self._admit()
         worked = bool(self.prefilling or self.decoding)
+        if worked and self.lean is not None and not self.paged:
+            self._mixed_step()
+            self.stats["steps"] += 1
+            return True
         if self.prefilling:
             self._prefill(self.prefilling[0])
         if self.decoding:
@@ -263,10 +271,10 @@ class Engine:
             seq.slot = self.pool.allocate_slot()
             self.prefilling.append(seq)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q].
-        Decode steps (q = 1) over an int8 pool use the paged attention kernel when enabled."""
-        page = self.pool.page
+    def _group_inputs(self, positions: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, StepCache]:
+        """For rows `seqs` taking new tokens at `positions` [rows, q]: the 4-D attention mask
+        (each row sees exactly its own positions so far) and the StepCache, on the device."""
+        page, dev = self.pool.page, self.device
         n = max(self.pool.pages_for(int(p[-1]) + 1) for p in positions)
         table = torch.zeros(len(seqs), n, dtype=torch.long)
         for r, seq in enumerate(seqs):
@@ -276,18 +284,72 @@ class Engine:
         keys = torch.arange(n * page)
         mask = torch.zeros(positions.shape[0], 1, positions.shape[1], n * page, dtype=self.dtype)
         mask.masked_fill_(keys[None, None, None, :] > positions[:, None, :, None], torch.finfo(self.dtype).min)
-        dev = self.device
         paged = self.paged and positions.shape[1] == 1
         lengths = (positions[:, 0] + 1).to(dev) if paged else None
-        rows = RowSpans(table, [s.slot for s in seqs], positions[:, 0], positions.shape[1], page, dev) \
+        table_dev = table.to(dev)
+        rows = RowSpans(table, table_dev, [s.slot for s in seqs], positions[:, 0], positions.shape[1], page, dev) \
             if self.pool.kivi else None
-        cache = StepCache(self.pool, table.to(dev), pages.to(dev), (positions % page).to(dev), lengths, rows)
+        cache = StepCache(self.pool, table_dev, pages.to(dev), (positions % page).to(dev), lengths, rows)
+        return mask.to(dev), cache
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [rows, vocab] at the last position of each row. ids, positions: [rows, q].
+        Decode steps (q = 1) over an int8 pool use the paged attention kernel when enabled."""
+        dev = self.device
+        mask, cache = self._group_inputs(positions, seqs)
+        paged = self.paged and positions.shape[1] == 1
         if self.lean is not None and not paged:
-            return self.lean(ids.to(dev), positions.to(dev), mask.to(dev), cache)
+            rows, q = ids.shape
+            last = torch.arange(q - 1, rows * q, q, device=dev)
+            return self.lean(ids.reshape(-1).to(dev), positions.reshape(-1).to(dev),
+                             [Group(0, rows, q, mask, cache)], last)
         with paged_step(self.model, cache) if paged else contextlib.nullcontext():
-            out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask.to(dev),
+            out = self.model(input_ids=ids.to(dev), position_ids=positions.to(dev), attention_mask=mask,
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :]
+
+    def _mixed_step(self) -> None:
+        """One forward pass for the whole step (lean forward): every decoding row's next token
+        and the next prompt chunks of the prefilling sequences, oldest first, up to
+        `prefill_chunk` prompt tokens in all. Rows are grouped by their number of new tokens."""
+        decode = [s for s in self.decoding if s.out and s.pos < len(s.prompt) + len(s.out)]
+        by_len: dict[int, list[tuple[Sequence, list[int]]]] = {}
+        budget = self.config.prefill_chunk
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            chunk = seq.prompt[seq.pos:seq.pos + budget]
+            by_len.setdefault(len(chunk), []).append((seq, chunk))
+            budget -= len(chunk)
+        specs = ([(decode, [[s.out[-1]] for s in decode])] if decode else []) + \
+            [([s for s, _ in items], [c for _, c in items]) for items in by_len.values()]
+        groups, ids, positions, last, sampled = [], [], [], [], []
+        start = 0
+        for seqs, rows in specs:
+            q = len(rows[0])
+            pos = torch.tensor([s.pos for s in seqs])[:, None] + torch.arange(q)
+            mask, cache = self._group_inputs(pos, seqs)
+            groups.append(Group(start, len(seqs), q, mask, cache))
+            ids.append(torch.tensor(rows).reshape(-1))
+            positions.append(pos.reshape(-1))
+            for r, seq in enumerate(seqs):
+                if seq.pos + q == len(seq.prompt) + len(seq.out):  # its next token is due
+                    last.append(start + r * q + q - 1)
+                    sampled.append(seq)
+            start += len(seqs) * q
+        dev = self.device
+        logits = self.lean(torch.cat(ids).to(dev), torch.cat(positions).to(dev), groups,
+                           torch.tensor(last, device=dev))
+        for g, (seqs, _) in zip(groups, specs):
+            for seq in seqs:
+                seq.pos += g.q
+                if g.q > 1 or not seq.out:
+                    self.stats["prompt_tokens"] += g.q
+        for seq in sampled:
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
+                self.decoding.append(seq)
+        self._sampled(logits, sampled)
 
     def _prefill(self, seq: Sequence) -> None:
         chunk = seq.prompt[seq.pos:seq.pos + self.config.prefill_chunk]

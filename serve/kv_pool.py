@@ -227,11 +227,14 @@ class RowSpans:
     """Where one step's rows write in a KIVI pool: row r appends q tokens from position
     starts[r] into residual slot slots[r]. Built on the host (where positions are known),
     so the pool's per-step decisions (which pages fill, which rows have an open page)
-    need no device sync. table: [rows, pages] block tables (host)."""
+    need no device sync. table: [rows, pages] block tables (host), table_dev: the same on the
+    pool's device."""
 
-    def __init__(self, table: torch.Tensor, slots: list[int], starts: torch.Tensor, q: int, page: int, device):
-        self.table, self.starts, self.slots = table, starts, torch.tensor(slots, dtype=torch.long)
-        self.table_dev, self.slots_dev, self.starts_dev = (t.to(device) for t in (table, self.slots, starts))
+    def __init__(self, table: torch.Tensor, table_dev: torch.Tensor, slots: list[int], starts: torch.Tensor, q: int,
+                 page: int, device):
+        self.table, self.table_dev, self.starts = table, table_dev, starts
+        self.slots = torch.tensor(slots, dtype=torch.long)
+        self.slots_dev, self.starts_dev = self.slots.to(device), starts.to(device)
         ends = starts + q  # tokens per row after this step
         filled = ((starts % page) + q >= page).nonzero().flatten() if q == 1 else torch.empty(0, dtype=torch.long)
         self.filled = None if not len(filled) else (

@@ -8,12 +8,17 @@ function as the model's own forward with about a third fewer operations:
   model still runs on its own, e.g. for `generate`);
 - RoPE rotates queries and keys in one go; RMSNorm uses torch's fused kernel (in fp32, as
   the model's own norm does);
-- only the last position of each row goes through the final norm and the LM head.
+- only the positions whose next token is sampled go through the final norm and the LM head;
+- one pass takes rows with different numbers of new tokens (decode rows and prompt chunks
+  of several lengths): Linears run once over all of them; attention runs per `Group` of rows
+  with the same count.
 The logits equal the model's own up to float rounding (fused reductions and matmuls sum in
 another order), tested against it in tests/test_engine.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,34 +124,23 @@ class _Layer:
         self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
         self.gate_up_parts = None if self.gate_up else (mlp.gate_proj, mlp.up_proj)
 
-    def __call__(self, h, cos, sin, mask, cache, idx: int) -> torch.Tensor:
-        rows, t, _ = h.shape
+    def __call__(self, h, cos, sin, groups: list[Group], idx: int) -> torch.Tensor:
+        """h: [tokens, hidden], the groups' tokens one after another (row-major in each group)."""
+        T = h.shape[0]
         x = _norm(h, self.in_norm)
         if self.qkv is not None:
             qkv = self.qkv(x)
         else:
             qkv = torch.cat([m(x) for m in self.qkv_parts], dim=-1)
-        qkv = qkv.view(rows, t, self.hq + 2 * self.hkv, self.d)
+        qkv = qkv.view(T, self.hq + 2 * self.hkv, self.d)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm on q and k before RoPE
-            qk = torch.cat([_norm(qkv[:, :, :self.hq], self.q_norm),
-                            _norm(qkv[:, :, self.hq:self.hq + self.hkv], self.k_norm)], dim=2)
+            qk = torch.cat([_norm(qkv[:, :self.hq], self.q_norm),
+                            _norm(qkv[:, self.hq:self.hq + self.hkv], self.k_norm)], dim=1)
         else:
-            qk = qkv[:, :, :self.hq + self.hkv]
+            qk = qkv[:, :self.hq + self.hkv]
         qk = qk * cos + rotate_half(qk) * sin
-        q = qk[:, :, :self.hq].transpose(1, 2)  # [rows, Hq, t, D]
-        k = qk[:, :, self.hq:].transpose(1, 2)
-        v = qkv[:, :, self.hq + self.hkv:].transpose(1, 2)
-        k, v = cache.update(k, v, idx)  # [rows, Hkv, kv_len, D]
-        rep = self.hq // self.hkv
-        if t == 1:  # one query per row: the group's query heads attend to their shared K/V head
-            o = F.scaled_dot_product_attention(q.reshape(rows, self.hkv, rep, self.d), k, v, attn_mask=mask,
-                                               scale=self.scaling)
-        else:
-            if rep > 1:
-                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
-                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        o = o.reshape(rows, self.hq, t, self.d).transpose(1, 2).reshape(rows, t, self.hq * self.d)
+        outs = [self._attend(qk, qkv, g, idx) for g in groups]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
         h = h + self.o_proj(o)
         x = _norm(h, self.post_norm)
         if self.gate_up is not None:
@@ -154,6 +148,37 @@ class _Layer:
         else:
             gate, up = (m(x) for m in self.gate_up_parts)
         return h + self.down(F.silu(gate) * up)
+
+    def _attend(self, qk, qkv, g: Group, idx: int) -> torch.Tensor:
+        """Attention of one group's rows over their own K/V: [rows * q, Hq * D]."""
+        rows, t, end = g.rows, g.q, g.start + g.rows * g.q
+        q = qk[g.start:end, :self.hq].view(rows, t, self.hq, self.d).transpose(1, 2)  # [rows, Hq, t, D]
+        k = qk[g.start:end, self.hq:].view(rows, t, self.hkv, self.d).transpose(1, 2)
+        v = qkv[g.start:end, self.hq + self.hkv:].view(rows, t, self.hkv, self.d).transpose(1, 2)
+        k, v = g.cache.update(k, v, idx)  # [rows, Hkv, kv_len, D]
+        rep = self.hq // self.hkv
+        if t == 1:  # one query per row: the group's query heads attend to their shared K/V head
+            o = F.scaled_dot_product_attention(q.reshape(rows, self.hkv, rep, self.d), k, v, attn_mask=g.mask,
+                                               scale=self.scaling)
+        else:
+            if rep > 1:
+                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
+                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scaling)
+        return o.reshape(rows, self.hq, t, self.d).transpose(1, 2).reshape(rows * t, self.hq * self.d)
+
+
+@dataclass
+class Group:
+    """Rows of one forward pass that take the same number `q` of new tokens: their tokens
+    are `start .. start + rows * q` of the pass, their attention mask [rows, 1, q, kv_len]
+    and their StepCache (block tables, where the new K/V go)."""
+
+    start: int
+    rows: int
+    q: int
+    mask: torch.Tensor
+    cache: object
 
 
 class LeanModel:
@@ -168,10 +193,13 @@ class LeanModel:
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
         self.layers = [_Layer(layer, hq, hkv, d) for layer in base.layers]
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, groups: list[Group],
+                 last: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [tokens], the groups' tokens one after another. Returns the logits
+        [len(last), vocab] of the tokens at indices `last`."""
         h = self.embed(ids)
-        cos, sin = self.rotary(h, positions)  # [rows, t, D]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads in [rows, t, heads, D]
+        cos, sin = self.rotary(h[None], positions[None])  # [1, tokens, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # broadcast over heads in [tokens, heads, D]
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i)
-        return self.lm_head(_norm(h[:, -1], self.norm))
+            h = layer(h, cos, sin, groups, i)
+        return self.lm_head(_norm(h.index_select(0, last), self.norm))

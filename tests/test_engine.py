@@ -58,6 +58,32 @@ def test_continuous_batching_with_chunked_prefill_equals_generate():
     assert eng.stats["prompt_tokens"] == sum(map(len, prompts))
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "int4"])
+def test_one_pass_steps_with_decode_rows_and_prompt_chunks_equal_the_models_own_forward(kv_dtype):
+    """The lean forward runs a whole step in one pass: decoding rows (1 new token each) and
+    prompt chunks of different lengths, grouped by length. Its greedy tokens equal those of
+    the model's own forward, which prefills one sequence per pass and decodes in another."""
+    torch.manual_seed(2)
+    model = model_without_eos()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 19, 11, 19, 3)]
+    tokens, groups = {}, []
+    for forward in ("lean", "model"):
+        eng = Engine(model, Tok(), EngineConfig(max_num_seqs=5, max_model_len=128, page=4, kv_dtype=kv_dtype,
+                                                forward=forward))
+        if forward == "lean":
+            real = eng.lean.__call__
+            eng.lean = lambda ids, pos, g, last: groups.append(sorted(x.q for x in g)) or real(ids, pos, g, last)
+        runs = [collect(eng, prompts[0], SamplingParams(max_tokens=12, temperature=0))]
+        eng.step()
+        eng.step()  # the first sequence decodes while the others arrive
+        runs += [collect(eng, p, SamplingParams(max_tokens=12, temperature=0)) for p in prompts[1:]]
+        eng.run_until_done()
+        tokens[forward] = [[t for e in r for t in e.tokens] for r in runs]
+        assert all(len(t) == 12 for t in tokens[forward])
+    assert tokens["lean"] == tokens["model"]
+    assert groups[2] == [1, 3, 11, 19]  # one pass: a decode row and three chunk lengths (two 19s share a group)
+
+
 def test_abort_frees_pages_and_reports():
     eng = Engine(model_without_eos(), Tok(), EngineConfig(max_num_seqs=2, max_model_len=64, page=4))
     events = []
@@ -116,10 +142,10 @@ def test_kivi_pool_reads_full_pages_quantized_and_the_open_page_exact(kv_dtype, 
     k, v = torch.randn(2, H, 13, D), torch.randn(2, H, 13, D) * 3
     spans = []
     for r in range(2):  # prefill 6 tokens of each row (one and a half pages), one row at a time
-        spans.append(RowSpans(table[r:r + 1], [slots[r]], torch.tensor([0]), 6, page, "cpu"))
+        spans.append(RowSpans(table[r:r + 1], table[r:r + 1], [slots[r]], torch.tensor([0]), 6, page, "cpu"))
         pool.write_rows(0, spans[-1], k[r:r + 1, :, :6], v[r:r + 1, :, :6])
     for t in range(6, 13):  # then decode both rows together
-        rows = RowSpans(table, slots, torch.tensor([t, t]), 1, page, "cpu")
+        rows = RowSpans(table, table, slots, torch.tensor([t, t]), 1, page, "cpu")
         pool.write_rows(0, rows, k[:, :, t:t + 1], v[:, :, t:t + 1])
     rk, rv = pool.read_rows(0, rows)  # 13 tokens: 3 full pages + 1 open token
     cfg = KVCacheConfig(kv_dtype, residual=0, group=page)
