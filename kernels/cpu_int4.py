@@ -77,7 +77,7 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
         prepare(module)
     c = module.kernel_cache["cpu_int4"]
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     if c is None or x2.shape[0] >= DENSE_FROM or x.dtype == torch.float32:
         return reference.linear(x, module)
     if c["perm"] is not None:
@@ -88,4 +88,4 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), c["packed"], c["group"], table)
     if module.bias is not None:
         y = y + module.bias.to(y.dtype)
-    return y.reshape(*shape[:-1], module.out_features)
+    return y if x.dim() == 2 else y.reshape(*shape[:-1], module.out_features)

@@ -276,10 +276,7 @@ class Engine:
         (each row sees exactly its own positions so far) and the StepCache, on the device."""
         page, dev = self.pool.page, self.device
         n = max(self.pool.pages_for(int(p[-1]) + 1) for p in positions)
-        table = torch.zeros(len(seqs), n, dtype=torch.long)
-        for r, seq in enumerate(seqs):
-            have = seq.pages[:n]
-            table[r, :len(have)] = torch.tensor(have)
+        table = torch.tensor([s.pages[:n] + [0] * (n - len(s.pages[:n])) for s in seqs], dtype=torch.long)
         pages = table.gather(1, positions // page)
         keys = torch.arange(n * page)
         mask = torch.zeros(positions.shape[0], 1, positions.shape[1], n * page, dtype=self.dtype)

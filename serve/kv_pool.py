@@ -35,7 +35,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_fp8, dequantize_int8,
-                             fp8_scale, pack_codes, quantize_asym, quantize_fp8, quantize_int8, unpack_codes)
+                             dequantize_keys, dequantize_values, fp8_scale, quantize_fp8, quantize_int8, quantize_keys,
+                             quantize_values)
 
 KV_POOL_DTYPES = ("auto", "int8", "int4", "int2", "fp8")
 KIVI = {"int4": 4, "int2": 2}  # pool dtype -> bits
@@ -68,8 +69,12 @@ class KVPool:
         if self.bits:
             if slots < 1:
                 raise ValueError(f"--kv-cache-dtype {kv_dtype} needs residual slots (one per running sequence)")
-            self.vgroup = min(page, head_dim)
-            kshape, vshape = (num_pages, kv_heads, 1, head_dim), (num_pages, kv_heads, page, head_dim // self.vgroup)
+            # A page is llmzip.kv_cache's KIVI block with group = page; (scale, min) are stored in
+            # the shapes its quantize_keys / quantize_values return, per page.
+            self.kivi_cfg = KVCacheConfig(kv_dtype, residual=0, group=page)
+            vgroup = min(page, head_dim)
+            kshape = (num_pages, kv_heads, 1, 1, head_dim)
+            vshape = (num_pages, kv_heads, page, head_dim // vgroup, 1)
             self.kp = [_scale_min(kshape, device) for _ in range(num_layers)]
             self.vp = [_scale_min(vshape, device) for _ in range(num_layers)]
             rshape = (slots, kv_heads, page, head_dim)
@@ -123,8 +128,8 @@ class KVPool:
     def write(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store N tokens: pages, offsets [N] long; k, v [N, kv_heads, head_dim]."""
         if self.kv_dtype == "auto":
-            self.k[layer][pages, :, offsets] = k.to(self.dtype)
-            self.v[layer][pages, :, offsets] = v.to(self.dtype)
+            self.k[layer][pages, :, offsets] = k if k.dtype == self.dtype else k.to(self.dtype)
+            self.v[layer][pages, :, offsets] = v if v.dtype == self.dtype else v.to(self.dtype)
         elif self.kv_dtype == "int8":
             for store, params, x in ((self.k, self.kp, k), (self.v, self.vp, v)):
                 q, scale, zero = quantize_int8(x, -1)
@@ -173,29 +178,27 @@ class KVPool:
 
     def _store_pages(self, layer: int, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize whole pages k, v [n, kv_heads, page, D] into pool pages `pages` [n]."""
-        q, s, m = quantize_asym(k, self.bits, 2, PARAM_DTYPE)  # keys: per channel over the page's tokens
-        self.k[layer][pages] = pack_codes(q, self.bits)
-        self.kp[layer][0][pages], self.kp[layer][1][pages] = s, m
-        n, H, T, D = v.shape
-        q, s, m = quantize_asym(v.reshape(n, H, T, D // self.vgroup, self.vgroup), self.bits, 4, PARAM_DTYPE)
-        self.v[layer][pages] = pack_codes(q.reshape(n, H, T, D), self.bits)
-        self.vp[layer][0][pages], self.vp[layer][1][pages] = s[..., 0], m[..., 0]
+        for store, params, st in ((self.k, self.kp, quantize_keys(k, self.kivi_cfg)),
+                                  (self.v, self.vp, quantize_values(v, self.kivi_cfg))):
+            store[layer][pages] = st["q"]
+            params[layer][0][pages], params[layer][1][pages] = st["scale"], st["min"]
 
     def read_rows(self, layer: int, rows: "RowSpans") -> tuple[torch.Tensor, torch.Tensor]:
         """KIVI read: dequantized pages with each row's open page taken from its slot."""
         table, page = rows.table_dev, self.page
-        kp, vp = [take_pages(t, table).float() for t in self.kp[layer]], [take_pages(t, table).float() for t in self.vp[layer]]
-        k = unpack_codes(take_pages(self.k[layer], table), self.bits).float() * kp[0] + kp[1]  # [rows, n, H, page, D]
-        vq = unpack_codes(take_pages(self.v[layer], table), self.bits).float()
-        sh = vq.shape
-        vq = vq.reshape(*sh[:-1], sh[-1] // self.vgroup, self.vgroup)
-        v = (vq * vp[0][..., None] + vp[1][..., None]).reshape(sh)
-        k, v = k.to(self.dtype), v.to(self.dtype)
+        n_rows, n = table.shape
+
+        def stored(store, params) -> dict:  # the rows' pages as llmzip.kv_cache's stored form, [rows * n, H, ...]
+            return {name: take_pages(t, table).flatten(0, 1)
+                    for name, t in (("q", store[layer]), ("scale", params[layer][0]), ("min", params[layer][1]))}
+
+        pages = (n_rows, n, self.kv_heads, page, self.head_dim)
+        k = dequantize_keys(stored(self.k, self.kp), self.kivi_cfg, self.dtype).view(pages)
+        v = dequantize_values(stored(self.v, self.vp), self.kivi_cfg, self.dtype).view(pages)
         if rows.open is not None:  # rows with a partly written page: read it from the slot in full precision
             idx, at = rows.open
             k[idx, at] = self.rk[layer][rows.slots_dev[idx]]
             v[idx, at] = self.rv[layer][rows.slots_dev[idx]]
-        n_rows, n = table.shape
         shape = (n_rows, self.kv_heads, n * page, self.head_dim)
         return k.permute(0, 2, 1, 3, 4).reshape(shape), v.permute(0, 2, 1, 3, 4).reshape(shape)
 
@@ -262,6 +265,7 @@ class StepCache(Cache):
         super().__init__(layers=[])
         self.pool, self.table, self.pages, self.offsets, self.lengths = pool, table, pages, offsets, lengths
         self.rows = rows  # KIVI pools: where each row writes (see RowSpans)
+        self.flat_pages, self.flat_offsets = pages.reshape(-1), offsets.reshape(-1)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.rows is not None:
@@ -270,9 +274,19 @@ class StepCache(Cache):
         # key_states: [rows, H, q, D] -> one entry per (row, token)
         k = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1:2], key_states.shape[-1])
         v = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1:2], value_states.shape[-1])
-        self.pool.write(layer_idx, self.pages.reshape(-1), self.offsets.reshape(-1), k, v)
+        self.pool.write(layer_idx, self.flat_pages, self.flat_offsets, k, v)
         if self.lengths is not None:
             return key_states, value_states  # not read: paged_attention reads the pool
+        return self.pool.read(layer_idx, self.table)
+
+    def update_tokens(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        """update() for new K/V given token-major, [rows * q, H, D] (row-major over the
+        table's rows): returns the rows' K/V [rows, H, kv_len, D]."""
+        if self.rows is not None:
+            rows, q = self.pages.shape
+            shape = (rows, q, *k.shape[1:])
+            return self.update(k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), layer_idx)
+        self.pool.write(layer_idx, self.flat_pages, self.flat_offsets, k, v)
         return self.pool.read(layer_idx, self.table)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

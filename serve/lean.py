@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
 from llmzip.quant_linear import QuantLinear
 
@@ -138,7 +137,9 @@ class _Layer:
                             _norm(qkv[:, self.hq:self.hq + self.hkv], self.k_norm)], dim=1)
         else:
             qk = qkv[:, :self.hq + self.hkv]
-        qk = qk * cos + rotate_half(qk) * sin
+        # RoPE, as the model's q * cos + rotate_half(q) * sin: rotate_half(x) * sin equals
+        # roll(x, D/2) * sin with its first half negated (`sin` here), in fewer operations.
+        qk = qk * cos + qk.roll(self.d // 2, -1) * sin
         outs = [self._attend(qk, qkv, g, idx) for g in groups]
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         h = h + self.o_proj(o)
@@ -151,21 +152,19 @@ class _Layer:
 
     def _attend(self, qk, qkv, g: Group, idx: int) -> torch.Tensor:
         """Attention of one group's rows over their own K/V: [rows * q, Hq * D]."""
-        rows, t, end = g.rows, g.q, g.start + g.rows * g.q
-        q = qk[g.start:end, :self.hq].view(rows, t, self.hq, self.d).transpose(1, 2)  # [rows, Hq, t, D]
-        k = qk[g.start:end, self.hq:].view(rows, t, self.hkv, self.d).transpose(1, 2)
-        v = qkv[g.start:end, self.hq + self.hkv:].view(rows, t, self.hkv, self.d).transpose(1, 2)
-        k, v = g.cache.update(k, v, idx)  # [rows, Hkv, kv_len, D]
-        rep = self.hq // self.hkv
+        rows, t, end, hq, hkv, d = g.rows, g.q, g.start + g.rows * g.q, self.hq, self.hkv, self.d
+        k, v = g.cache.update_tokens(qk[g.start:end, hq:], qkv[g.start:end, hq + hkv:], idx)  # [rows, Hkv, kv_len, D]
+        rep = hq // hkv
         if t == 1:  # one query per row: the group's query heads attend to their shared K/V head
-            o = F.scaled_dot_product_attention(q.reshape(rows, self.hkv, rep, self.d), k, v, attn_mask=g.mask,
-                                               scale=self.scaling)
-        else:
-            if rep > 1:
-                k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
-                v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, self.hq, -1, self.d)
+            q = qk[g.start:end, :hq].view(rows, hkv, rep, d)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scaling)
-        return o.reshape(rows, self.hq, t, self.d).transpose(1, 2).reshape(rows * t, self.hq * self.d)
+            return o.reshape(rows, hq * d)
+        q = qk[g.start:end, :hq].view(rows, t, hq, d).transpose(1, 2)  # [rows, Hq, t, D]
+        if rep > 1:
+            k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, hq, -1, d)
+            v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(rows, hq, -1, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scaling)
+        return o.transpose(1, 2).reshape(rows * t, hq * d)
 
 
 @dataclass
@@ -200,6 +199,8 @@ class LeanModel:
         h = self.embed(ids)
         cos, sin = self.rotary(h[None], positions[None])  # [1, tokens, D]
         cos, sin = cos[0, :, None], sin[0, :, None]  # broadcast over heads in [tokens, heads, D]
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see _Layer: RoPE with roll
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, groups, i)
         return self.lm_head(_norm(h.index_select(0, last), self.norm))
