@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (4096, 4096)]
-MS = [1, 4, 16, 64, 256]
+MS = [1, 4, 16, 48, 72, 96, 256]
 
 
 def layer(K: int, N: int):
@@ -60,6 +60,11 @@ def linear_rows() -> list[dict]:
                    "bf16_dense_us": median_us(lambda: F.linear(x, w)),
                    "reference_us": median_us(lambda: reference.linear(x, m)),
                    "cpu_int4_us": median_us(lambda: cpu_int4.linear(x, m)), "cpu_int4_rel_err": err}
+            c = m.kernel_cache["cpu_int4"]  # the kernel's two paths, whichever M picks
+            table = c["table"].to(x.dtype)
+            row["int4_matmul_us"] = median_us(
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, c["packed"], c["group"], table))
+            row["dense_path_us"] = median_us(lambda: F.linear(x, cpu_int4.dense_weight(m, x.dtype)))
             rows.append({k: round(v, 2) if isinstance(v, float) and k.endswith("us") else v for k, v in row.items()})
             print(rows[-1], flush=True)
     return rows
@@ -98,6 +103,8 @@ def decode_rows() -> list[dict]:
 
 
 def main() -> None:
+    from llmzip.kernels import cpu_int4
+
     linear = linear_rows()
     decode = decode_rows()
     result = {"benchmark": "CPU kernels for W4 g64 Linear layers vs bf16 dense", "torch": torch.__version__,
@@ -108,12 +115,16 @@ def main() -> None:
     (out / "kernels_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {result['benchmark']}", "", f"torch {torch.__version__}, {result['threads']} threads, "
              f"{result['machine']}; `{result['command']}`", "",
-             "| K x N | M | bf16 dense us | reference us | cpu_int4 us | cpu_int4 / bf16 | reference / bf16 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"cpu_int4 runs torch's int4 matmul below max({cpu_int4.DENSE_FROM}, weights / "
+             f"{cpu_int4.DENSE_WEIGHTS_PER_ROW}) rows and its own dequantize + bf16 matmul from there; both "
+             "paths are timed at every M.", "",
+             "| K x N | M | bf16 dense us | reference us | cpu_int4 us | int4 matmul us | dense path us | "
+             "cpu_int4 / bf16 | reference / bf16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in linear:
         lines.append(f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_dense_us']} | {r['reference_us']} | "
-                     f"{r['cpu_int4_us']} | {r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | "
-                     f"{r['reference_us'] / r['bf16_dense_us']:.2f} |")
+                     f"{r['cpu_int4_us']} | {r['int4_matmul_us']} | {r['dense_path_us']} | "
+                     f"{r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | {r['reference_us'] / r['bf16_dense_us']:.2f} |")
     lines += ["", "| decode (SmolLM2-135M, 32 + 64 tokens) | batch | s | new tokens/s |", "|---|---:|---:|---:|"]
     lines += [f"| {d['model']} | {d['batch']} | {d['seconds']} | {d['new_tokens_per_s']} |" for d in decode]
     (out / "kernels_cpu.md").write_text("\n".join(lines) + "\n")

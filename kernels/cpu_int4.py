@@ -8,10 +8,15 @@ replicated over 256/128/64/32-column groups, which changes nothing numerically.
 act-order: K is reordered by g_idx as in the Triton kernel (x's columns follow).
 
 Layout built once per layer (`prepare`): torch's packed uint8 weight, a [n_groups, N, 2]
-(scale, zero) table per activation dtype, and the column permutation or None. Rows of
-x beyond `DENSE_FROM` are faster as dequantize + dense matmul (compute-bound), so the
-kernel switches to the reference there; so it does for float32 activations, where torch's
-int4 matmul is 10-30x slower than in bf16/fp16.
+(scale, zero) table per activation dtype, and the column permutation or None.
+torch's int4 matmul dequantizes the weight again for every 4 rows of x, so its time grows
+with the rows; from `DENSE_FROM` rows, dequantizing the whole weight once and running a
+dense matmul is faster. That dequantization reads the module's own int32 words as bytes
+(two codes per byte, low nibble first on a little-endian host) and computes
+(u - 8 - z) * s per group in the activation dtype: u - 8 - z is a small integer, exact in
+bf16/fp16, so each weight is rounded once, as the reference rounds it. float32
+activations take the reference, where torch's int4 matmul is 10-30x slower than in
+bf16/fp16.
 Numerics: in bf16, torch rounds each dequantized weight to bf16 before the product, so the
 result is within bf16 tolerance of dequantize + bf16 matmul (tests/test_kernels.py) but not
 bit-equal to it.
@@ -19,14 +24,25 @@ bit-equal to it.
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn.functional as F
 
 from llmzip.packing import unpack_int32
 
 from . import reference
 
 GROUPS = (256, 128, 64, 32)
-DENSE_FROM = 128  # rows of x from which dequantize + matmul wins (bench/kernels_cpu.py)
+# Rows of x from which dequantize + matmul beats torch's int4 matmul: about 72 for
+# SmolLM2's layers (<= 1.8M weights) and 256 for 4096 x 4096, where dequantizing costs
+# relatively more (bench/results/kernels_cpu.md). So: max(DENSE_FROM, weights / 65536).
+DENSE_FROM = 72
+DENSE_WEIGHTS_PER_ROW = 65536
+
+
+def dense_from(module) -> int:
+    return max(DENSE_FROM, module.out_features * module.in_features // DENSE_WEIGHTS_PER_ROW)
 
 
 def _op_available() -> bool:
@@ -63,13 +79,29 @@ def prepare(module) -> None:
     scale = module.weight_scale.float()  # [N, n_groups]
     zero = getattr(module, "weight_zero_point", None)
     z = torch.zeros_like(scale) if zero is None else unpack_int32(zero, 4, N, dim=0).float()
+    dense = None  # per-group (offset 8 + z, scale) [N, groups, 1] for the dense path, when it applies
+    if perm is None and sys.byteorder == "little" and K % 8 == 0:
+        dense = (z + 8)[..., None], module.weight_scale[..., None]
     if n_groups == 1:  # per-channel: the same scale on every group torch accepts
         group = next(g for g in GROUPS if K % g == 0)
         scale, z = scale.expand(N, K // group), z.expand(N, K // group)
     table = torch.stack([scale.t(), (-z * scale).t()], dim=-1).contiguous()  # [groups, N, 2]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
     module.kernel_cache["cpu_int4"] = {"packed": packed, "group": group, "table": table, "by_dtype": {},
-                                       "perm": perm}
+                                       "perm": perm, "dense": dense, "dense_by_dtype": {}}
+
+
+def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype` (bf16/fp16), from the module's packed words (see above)."""
+    c = module.kernel_cache["cpu_int4"]
+    params = c["dense_by_dtype"].get(dtype)
+    if params is None:
+        params = c["dense_by_dtype"][dtype] = tuple(t.to(dtype) for t in c["dense"])
+    offset, scale = params
+    N, K = module.out_features, module.in_features
+    b = module.weight_packed.view(torch.uint8)  # [N, K / 2]: codes 2j (low nibble) and 2j + 1 (high)
+    u = torch.stack([b & 15, b >> 4], dim=-1).view(N, offset.shape[1], -1).to(dtype)
+    return u.sub_(offset).mul_(scale).view(N, K)
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -78,8 +110,12 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
     c = module.kernel_cache["cpu_int4"]
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    if c is None or x2.shape[0] >= DENSE_FROM or x.dtype == torch.float32:
+    if c is None or x.dtype == torch.float32:
         return reference.linear(x, module)
+    if x2.shape[0] >= dense_from(module):
+        if c["dense"] is None:
+            return reference.linear(x, module)
+        return F.linear(x, dense_weight(module, x.dtype), module.bias)
     if c["perm"] is not None:
         x2 = x2[:, c["perm"]]
     table = c["by_dtype"].get(x.dtype)

@@ -171,8 +171,9 @@ def test_info_kernels_shows_choice_and_refusals(tmp_path):
                                                        (64, True, "uniform"), (64, True, "ragged")])
 @pytest.mark.parametrize("M", [1, 3, 80, 130])
 def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
-    """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; ragged act-order
-    groups and M >= 128 take the reference path inside the kernel."""
+    """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; from DENSE_FROM
+    rows (80, 130) the kernel's own dequantize + matmul, and ragged act-order groups take
+    the reference path inside the kernel."""
     from llmzip.kernels import cpu_int4
 
     m = layer(group=group, symmetric=symmetric, act_order=act_order, n=80, dtype=torch.bfloat16)
@@ -183,6 +184,19 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
     ref = x.float() @ dense_weight(m, torch.bfloat16).float().t()
     assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < BF16_TOL
     assert (m.kernel_cache["cpu_int4"] is None) == (act_order == "ragged")
+
+
+@pytest.mark.parametrize("group,symmetric", [(64, True), (32, False), (None, True), (None, False)])
+def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric):
+    """The dense path's dequantization (bytes of the packed words, (u - 8 - z) * s in bf16)
+    rounds every weight once, exactly as the reference's fp32 (q - z) * s cast to bf16."""
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=group, symmetric=symmetric, n=80, dtype=torch.bfloat16)
+    cpu_int4.prepare(m)
+    assert m.kernel_cache["cpu_int4"]["dense"] is not None
+    assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
+    assert cpu_int4.dense_from(m) <= 80  # so test_cpu_int4_kernel_matches_reference covers the dense path
 
 
 def test_cpu_int4_runs_float32_through_the_reference():
