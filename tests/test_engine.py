@@ -333,6 +333,22 @@ def test_lean_forward_matches_the_models_own(arch, quantized):
         assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lean_rms_norm_is_bit_equal_to_the_models_fp32_round_trip(dtype):
+    """serve/lean.py's _norm runs torch's rms_norm on bf16/fp16 input; the model's RMSNorm
+    normalises in fp32 and casts back. Equal bit for bit, rows 1..130, widths 64..2048."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llmzip.serve.lean import _norm
+
+    g = torch.Generator().manual_seed(0)
+    for rows, width in ((1, 576), (8, 576), (130, 576), (5, 64), (3, 2048)):
+        mod = LlamaRMSNorm(width, eps=1e-5).to(dtype)
+        torch.nn.init.normal_(mod.weight, 1.0, 0.2, generator=g)
+        x = (torch.randn(rows, width, generator=g) * 4).to(dtype)
+        assert torch.equal(_norm(x, mod), mod(x))
+
+
 def test_lean_forward_is_not_used_for_other_architectures():
     from transformers import AutoModelForCausalLM, Phi3Config
 
