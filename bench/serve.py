@@ -261,6 +261,10 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default=str(HERE / "results" / "serve_cpu"))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole target list this many times, one target after another (A B A B ...), and "
+                         "report each target's median run by aggregate tok/s, with every run's value")
+    ap.add_argument("--note", default="", help="a line for OUT.md")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args()
     if args.render:
@@ -269,10 +273,10 @@ def main() -> None:
     streams = [int(x) for x in args.streams.split(",")]
     work = HERE / ".work" / "serve"
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for target in args.target:
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for rnd, target in ((r, t) for r in range(args.rounds) for t in args.target):
         kind, _, spec = target.partition(":")
-        print(f"== {target}", flush=True)
+        print(f"== {target} (round {rnd + 1} of {args.rounds})", flush=True)
         if kind in (*LLMZIP_KINDS, "vllm", "llamacpp"):
             res = run_server(kind, spec, streams, args.requests_per_stream, args.max_tokens,
                              work / f"{kind}-{Path(spec).name}.log")
@@ -287,11 +291,20 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown target kind {kind!r}")
         for n, r in res.items():
-            rows.append({"target": target, "streams": n, **r})
-            print(json.dumps(rows[-1]), flush=True)
+            runs.setdefault((target, n), []).append({"target": target, "streams": n, **r})
+            print(json.dumps(runs[(target, n)][-1]), flush=True)
+    rows = []
+    for group in runs.values():  # the median run (the lower middle one for an even count)
+        ranked = sorted(group, key=lambda r: r["aggregate_tok_s"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        if len(group) > 1:
+            row["aggregate_tok_s_runs"] = [r["aggregate_tok_s"] for r in group]
+        rows.append(row)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "device": device(),
-            "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream,
+            "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream, "rounds": args.rounds,
             "prompts": len(PROMPTS), "command": " ".join(sys.argv)}
+    if args.note:
+        meta["note"] = args.note
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_md(args.out, meta, rows)
 
@@ -307,15 +320,21 @@ def device() -> str:
 
 
 def write_md(out: str, meta: dict, rows: list[dict]) -> None:
-    lines = ["| target | streams | tokens/request | aggregate tok/s | per-stream tok/s p50 | TTFT p50 s | TTFT p95 s |",
-             "|---|---|---|---|---|---|---|"]
+    many = any("aggregate_tok_s_runs" in r for r in rows)
+    lines = ["| target | streams | tokens/request | aggregate tok/s | per-stream tok/s p50 | TTFT p50 s | TTFT p95 s |"
+             + (" aggregate tok/s, every round |" if many else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if many else "")]
     for r in rows:
         per = r["completion_tokens"] / max(r["requests"], 1)
         lines.append(f"| {r['target']} | {r['streams']} | {per:.1f} | {r['aggregate_tok_s']} | "
-                     f"{r['per_stream_tok_s_p50']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+                     f"{r['per_stream_tok_s_p50']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |"
+                     + (f" {', '.join(map(str, r.get('aggregate_tok_s_runs', [])))} |" if many else ""))
     Path(out + ".md").write_text(
         f"# Serving on {meta.get('device', 'cpu')}\n\n{meta['machine']}; max_tokens {meta['max_tokens']} (ignore_eos), temperature 0, "
-        f"{meta['requests_per_stream']} requests per stream. A server that ignores `ignore_eos` (llama-cpp-python) "
+        f"{meta['requests_per_stream']} requests per stream"
+        + (f"; each target run {meta['rounds']} times in turn (A B A B ...), the row is its median run"
+           if meta.get("rounds", 1) > 1 else "")
+        + ". A server that ignores `ignore_eos` (llama-cpp-python) "
         "stops at EOS: its tokens/request column shows it, and its tok/s are not comparable.\n\n"
         + (f"{meta['note']}\n\n" if meta.get("note") else "")
         + f"`{meta['command']}`\n\n" + "\n".join(lines) + "\n")

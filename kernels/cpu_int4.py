@@ -61,7 +61,8 @@ def can_implement(spec, device: torch.device) -> tuple[bool, str]:
         return False, f"group size {spec.group_size or 'per-channel'}: torch's int4 matmul takes groups of 32..256"
     if spec.in_features % 2 or spec.out_features % 16:
         return False, "torch's int4 packing needs even in_features and out_features divisible by 16"
-    return True, f"torch int4 matmul on packed nibbles (dequantize + matmul from {DENSE_FROM} rows or fp32)"
+    return True, (f"torch int4 matmul on packed nibbles (dequantize + matmul from max({DENSE_FROM}, "
+                  f"weights/{DENSE_WEIGHTS_PER_ROW}) rows, or fp32)")
 
 
 def prepare(module) -> None:

@@ -42,6 +42,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                request_timeout: float = 600.0) -> FastAPI:
     tok = engine.tokenizer
     metrics = Metrics(engine)
+    engine.deliver = _deliver
 
     @asynccontextmanager
     async def lifespan(app):
@@ -138,8 +139,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         ids = []
         try:
             for i, (prompt, params) in enumerate(jobs):
-                ids.append(engine.submit(prompt, params,
-                                         lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))))
+                ids.append(engine.submit(prompt, params, _Sink(loop, queue, i)))
         except EngineFull as e:
             for x in ids:
                 engine.abort(x)
@@ -290,6 +290,38 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
 
     return app
+
+
+class _Sink:
+    """Where the engine sends one choice's events: the request's queue, on its event loop."""
+
+    __slots__ = ("loop", "queue", "index")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def __call__(self, ev) -> None:  # from the engine thread, one event
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, ev))
+
+
+def _deliver(batch: list) -> None:
+    """Engine.deliver: a step's events, one wake-up per event loop for all of them."""
+    by_loop: dict = {}
+    for emit, ev in batch:
+        if isinstance(emit, _Sink):
+            by_loop.setdefault(emit.loop, []).append((emit, ev))
+        else:
+            emit(ev)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop has closed: nobody is waiting for these events
+            pass
+
+
+def _put_all(items: list) -> None:  # on the event loop
+    for sink, ev in items:
+        sink.queue.put_nowait((sink.index, ev))
 
 
 def _sampling(req, max_tokens: int, logprobs, choice: int):

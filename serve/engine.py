@@ -134,6 +134,11 @@ class Engine:
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
+        # deliver(batch): when set, a step's events are handed over at its end in one call,
+        # as [(emit, Event), ...], instead of one emit call each (the server wakes its event
+        # loop once per step instead of once per sequence and token).
+        self.deliver: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None
+        self._events: list[tuple[Callable[[Event], None], Event]] = []
         # Set before the app starts when the caller will drive the loop with run_loop();
         # start() then spawns no thread.
         self.external_loop = False
@@ -232,10 +237,26 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 for seq in list(self.prefilling) + list(self.decoding):
                     self._finish(seq, "error")
+            finally:
+                self._flush()
 
-    @torch.inference_mode()
+    def _flush(self) -> None:
+        if self._events:
+            batch, self._events = self._events, []
+            try:
+                self.deliver(batch)
+            except Exception:  # a receiver's failure must not stop the engine
+                log.exception("delivering a step's events failed")
+
     def step(self) -> bool:
         """One iteration (see the module docstring); returns whether any work was done."""
+        try:
+            return self._step()
+        finally:
+            self._flush()
+
+    @torch.inference_mode()
+    def _step(self) -> bool:
         with self._lock:
             self.waiting.extend(self._incoming)
             self._incoming.clear()
@@ -403,7 +424,11 @@ class Engine:
     def _emit(self, seq: Sequence, text: str, finish: str | None = None) -> None:
         lps, seq.pending_lp = seq.pending_lp, []
         new = [seq.out[-1]] if seq.out and finish not in ("abort", "error") else []
-        seq.emit(Event(text, new, lps, finish, len(seq.prompt), len(seq.out)))
+        ev = Event(text, new, lps, finish, len(seq.prompt), len(seq.out))
+        if self.deliver is None:
+            seq.emit(ev)
+        else:
+            self._events.append((seq.emit, ev))
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, text_ids=None) -> None:
         """reason: stop | length (done), abort (cancelled by the client), error (the step failed)."""
