@@ -130,7 +130,7 @@ class Engine:
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "failed": 0,
-                      "steps": 0}
+                      "steps": 0, "step_seconds": 0.0}
         self.ttft: deque[float] = deque(maxlen=4096)  # seconds to first token; the server drains it
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -250,10 +250,14 @@ class Engine:
 
     def step(self) -> bool:
         """One iteration (see the module docstring); returns whether any work was done."""
+        t0 = time.perf_counter()
         try:
-            return self._step()
+            worked = self._step()
         finally:
             self._flush()
+        if worked:
+            self.stats["step_seconds"] += time.perf_counter() - t0
+        return worked
 
     @torch.inference_mode()
     def _step(self) -> bool:

@@ -57,6 +57,8 @@ class Metrics:
         yield counter("llmzip_finished_seqs", "Sequences finished (stop or length)", stats["finished"])
         yield counter("llmzip_aborted_seqs", "Sequences cancelled (client gone or timed out)", stats["aborted"])
         yield counter("llmzip_failed_seqs", "Sequences failed by an engine error", stats["failed"])
+        yield counter("llmzip_engine_steps", "Engine steps that ran the model", stats["steps"])
+        yield counter("llmzip_engine_step_seconds", "Seconds spent in those steps", stats["step_seconds"])
         h = HistogramMetricFamily("llmzip_time_to_first_token_seconds", "Arrival to first generated token")
         cum, buckets = 0, []
         for b, c in zip([*map(str, TTFT_BUCKETS), "+Inf"], self.ttft_counts):
