@@ -1,7 +1,7 @@
 """What one engine step costs: tensor operations per decode step, and wall time per step
 for 8 requests that arrive together (the first step prefills all of them).
 
-    .venv/bin/python bench/engine_steps.py W4DIR [--kv auto]
+    .venv/bin/python bench/engine_steps.py W4DIR [--kv auto] [--profile]
 
 Operation counts are exact (a TorchDispatchMode counts every aten call of one decode step
 with 8 running rows); step times are wall clock on this machine, so noisy.
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--kv", default="auto")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="also: torch.profiler's top operations over 20 decode steps")
     args = ap.parse_args()
     eng = build_engine(args.model_dir, max_num_seqs=8, max_model_len=512, kv_dtype=args.kv)
     prompts = [eng.tokenizer.encode(f"Write a story number {i} about a lighthouse keeper and the sea.")
@@ -66,6 +67,19 @@ def main() -> None:
     print(f"decode step ms, median: {statistics.median(times[8:]) * 1e3:.1f}")
     print(f"aten operations in one decode step with 8 rows: {sum(count.ops.values())}")
     print("most frequent:", ", ".join(f"{k} {v}" for k, v in count.ops.most_common(12)))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for p in prompts:
+            eng.submit(p, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), lambda e: None)
+        for _ in range(20):
+            eng.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                eng.step()
+        eng.run_until_done()
+        print("20 decode steps, 8 rows:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
