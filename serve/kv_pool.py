@@ -274,10 +274,10 @@ class StepCache(Cache):
         # key_states: [rows, H, q, D] -> one entry per (row, token)
         k = key_states.transpose(1, 2).reshape(-1, *key_states.shape[1:2], key_states.shape[-1])
         v = value_states.transpose(1, 2).reshape(-1, *value_states.shape[1:2], value_states.shape[-1])
+        if self.lengths is None:
+            return self.update_tokens(k, v, layer_idx)
         self.pool.write(layer_idx, self.flat_pages, self.flat_offsets, k, v)
-        if self.lengths is not None:
-            return key_states, value_states  # not read: paged_attention reads the pool
-        return self.pool.read(layer_idx, self.table)
+        return key_states, value_states  # not read: paged_attention reads the pool
 
     def update_tokens(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
         """update() for new K/V given token-major, [rows * q, H, D] (row-major over the

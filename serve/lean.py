@@ -183,8 +183,9 @@ class Group:
 
 
 class LeanModel:
-    """logits = lean(ids, positions, mask, cache): the same inputs and cache protocol as the
-    engine's call to the model itself; returns the last position's logits [rows, vocab]."""
+    """logits = lean(ids, positions, groups, last): the tokens of a pass flattened, their
+    rows grouped by new-token count (each `Group` with its mask and StepCache); returns the
+    logits of the tokens at indices `last` (see __call__)."""
 
     def __init__(self, model):
         base, cfg = model.model, model.config
