@@ -1,7 +1,7 @@
 """What one engine step costs: tensor operations per decode step, and wall time per step
 for 8 requests that arrive together (the first step prefills all of them).
 
-    .venv/bin/python bench/engine_steps.py W4DIR [--kv auto] [--profile]
+    .venv/bin/python bench/engine_steps.py W4DIR [--kv auto] [--profile] [--no-prepack]
 
 Operation counts are exact (a TorchDispatchMode counts every aten call of one decode step
 with 8 running rows); step times are wall clock on this machine, so noisy.
@@ -36,9 +36,11 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--kv", default="auto")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-prepack", dest="prepack", action="store_false",
+                    help="dense bf16 Linears on their own weights (EngineConfig.prepack=False)")
     ap.add_argument("--profile", action="store_true", help="also: torch.profiler's top operations over 20 decode steps")
     args = ap.parse_args()
-    eng = build_engine(args.model_dir, max_num_seqs=8, max_model_len=512, kv_dtype=args.kv)
+    eng = build_engine(args.model_dir, max_num_seqs=8, max_model_len=512, kv_dtype=args.kv, prepack=args.prepack)
     prompts = [eng.tokenizer.encode(f"Write a story number {i} about a lighthouse keeper and the sea.")
                for i in range(8)]
 

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     s.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="CPU: run dense bf16 Linears (the LM head; all Linears of an unquantized model) on their "
+                        "own weights instead of oneDNN-prepacked copies: less memory, slower decode steps")
     s.add_argument("--engine", default="llmzip", choices=["llmzip", "vllm"],
                    help="llmzip's engine, or vLLM's OpenAI server on the same checkpoint (optional extra)")
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard over")

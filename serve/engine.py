@@ -93,6 +93,7 @@ class EngineConfig:
     max_queue: int = 256
     attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
     forward: str = "auto"  # "lean" (serve/lean.py, Llama-family), "model" (the model's own forward), "auto"
+    prepack: bool = True  # lean forward on CPU: dense bf16 Linears on oneDNN-prepacked copies (see LeanModel)
 
 
 class Engine:
@@ -119,7 +120,7 @@ class Engine:
         self._cache_kw = cache_kwarg(model)
         if config.forward not in ("auto", "lean", "model"):
             raise ValueError(f"forward {config.forward!r}: choose auto, lean or model")
-        self.lean = lean_model(model) if config.forward != "model" else None
+        self.lean = lean_model(model, config.prepack) if config.forward != "model" else None
         if config.forward == "lean" and self.lean is None:
             raise ValueError(f"the lean forward pass does not cover model type {model.config.model_type!r}")
         self._ids = itertools.count(1)

@@ -27,7 +27,7 @@ GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C, running requests get this long to fini
 
 
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
-                 max_queue: int = 256, kv_cache_tokens: int | None = None):
+                 max_queue: int = 256, kv_cache_tokens: int | None = None, prepack: bool = True):
     import torch
 
     from llmzip.kv_cache import attached_fp8_scales
@@ -48,7 +48,7 @@ def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype
         log.warning("no calibrated FP8 KV scales in %s: each layer's scale comes from the first prompt it sees "
                     "(quantize with --kv-cache fp8 for calibrated ones)", model_dir)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_dtype=kv_dtype,
-                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens, prepack=prepack)
     return Engine(model, tokenizer, cfg, kv_scales=scales)
 
 
@@ -72,7 +72,7 @@ def serve(args) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     engine = build_engine(args.model_dir, args.max_num_seqs, args.max_model_len, args.kv_cache_dtype,
                           dtype=args.dtype, device=args.device, max_queue=args.max_queue,
-                          kv_cache_tokens=args.kv_cache_tokens)
+                          kv_cache_tokens=args.kv_cache_tokens, prepack=getattr(args, "prepack", True))
     name = args.served_model_name or Path(args.model_dir).name
     app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
     log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", args.model_dir, name,

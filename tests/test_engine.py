@@ -333,6 +333,31 @@ def test_lean_forward_matches_the_models_own(arch, quantized):
         assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "w4"])
+def test_lean_forward_on_prepacked_bf16_linears_gives_the_same_logits(quantized):
+    """With prepack (the default), the LM head, and every Linear of an unquantized bf16 model,
+    run on oneDNN-prepacked copies (kernels/cpu_dense.py); quantized Linears keep their
+    kernel. The logits are bit-equal to the same pass on the Linears' own weights."""
+    from llmzip.api import quantize_model
+    from llmzip.kernels import cpu_dense
+
+    if not cpu_dense.available(torch.nn.Linear(8, 8).to(torch.bfloat16))[0]:
+        pytest.skip("no oneDNN bf16 linear here")
+    model = _tiny("qwen2", dtype=torch.bfloat16)
+    if quantized:
+        quantize_model(model, QuantConfig(weights=WeightScheme(4, 32)), progress=False)
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 19, 11)]
+    cfg = dict(forward="lean", page=4, max_model_len=128)
+    plain = Engine(model, Tok(), EngineConfig(prepack=False, **cfg))
+    packed = Engine(model, Tok(), EngineConfig(**cfg))
+    assert isinstance(packed.lean.lm_head, cpu_dense.PackedLinear)
+    assert not isinstance(plain.lean.lm_head, cpu_dense.PackedLinear)
+    layer = packed.lean.layers[0]
+    assert all(isinstance(m, cpu_dense.PackedLinear) != quantized for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    for x, y in zip(_step_logits(packed, prompts), _step_logits(plain, prompts)):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lean_rms_norm_is_bit_equal_to_the_models_fp32_round_trip(dtype):
     """serve/lean.py's _norm runs torch's rms_norm on bf16/fp16 input; the model's RMSNorm

@@ -223,3 +223,34 @@ def test_cpu_int4_refuses_what_it_cannot_run():
     assert not cpu_int4.can_implement(layer(bits=3, n=80).spec(), torch.device("cpu"))[0]
     assert "divisible by 16" in cpu_int4.can_implement(layer(n=72).spec(), torch.device("cpu"))[1]
     assert "CPU only" in cpu_int4.can_implement(layer().spec(), torch.device("cuda"))[1]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(49152, 576), (960, 576), (17, 33)])
+def test_cpu_dense_prepacked_linear_is_bit_equal_to_f_linear(n, k, bias):
+    """kernels/cpu_dense.py: oneDNN's linear on a prepacked bf16 weight returns exactly what
+    F.linear returns, for decode-step and prefill row counts and odd shapes."""
+    from llmzip.kernels import cpu_dense
+
+    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    ok, why = cpu_dense.available(lin)
+    if not ok:
+        pytest.skip(why)
+    packed = cpu_dense.PackedLinear(lin)
+    for m in (1, 8, 17, 130, 512):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    x3 = torch.randn(2, 3, k).bfloat16()
+    assert torch.equal(packed(x3), torch.nn.functional.linear(x3, lin.weight, lin.bias))
+
+
+def test_cpu_dense_prepacks_only_bf16_dense_linears():
+    from llmzip.kernels import cpu_dense
+
+    fp32 = torch.nn.Linear(64, 32)
+    assert cpu_dense.prepacked(fp32) is fp32
+    assert cpu_dense.available(fp32) == (False, "torch.float32 weight: prepacking is for bf16")
+    q = layer(group=32, dtype=torch.bfloat16)
+    assert cpu_dense.prepacked(q) is q and cpu_dense.available(q)[1] == "not a dense nn.Linear"
+    with pytest.raises(ValueError, match="cannot prepack this layer: not a dense nn.Linear"):
+        cpu_dense.PackedLinear(q)
