@@ -75,6 +75,9 @@ class Sequence:
     slot: int = -1  # KIVI pools: the residual slot holding this sequence's open page
     pos: int = 0  # tokens already in the KV pool
     sent: int = 0  # characters of text already emitted
+    text: str = ""  # out[:read_offset] decoded (see Engine._text)
+    prefix_offset: int = 0
+    read_offset: int = 0
     finished: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -414,7 +417,7 @@ class Engine:
         p = seq.params
         if tok in self.eos and not p.ignore_eos:
             return self._finish(seq, "stop", text_ids=seq.out[:-1])
-        text = self.tokenizer.decode(seq.out, skip_special_tokens=True)
+        text = self._text(seq)
         hits = [i for i in (text.find(s, max(0, seq.sent - len(s))) for s in p.stop) if i >= 0]
         if hits:
             return self._finish(seq, "stop", text=text[:min(hits)])
@@ -425,6 +428,28 @@ class Engine:
         delta = text[seq.sent:safe] if safe > seq.sent else ""
         seq.sent += len(delta)
         self._emit(seq, delta)  # one event per token, text or not, so token counts and logprobs stream
+
+    def _text(self, seq: Sequence, ids: list[int] | None = None) -> str:
+        """The text of `ids` (default: seq.out, or a prefix of it), decoded incrementally: a
+        call decodes only the tokens from the previous character boundary on, next to the
+        tokens before it (the window's first token decodes alike in both, so a leading space
+        a tokenizer strips from a decode's first token is kept). Decoding the whole output
+        for every token grows with its length (SmolLM2's tokenizer: 0.1 ms at 512 tokens,
+        0.38 ms at 2048, per running sequence and step)."""
+        ids = seq.out if ids is None else ids
+        decode = self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True) \
+            if seq.read_offset > seq.prefix_offset else ""
+        window = decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if not window.startswith(prefix):  # a tokenizer whose decode is not local: start over
+            seq.text, seq.prefix_offset, seq.read_offset = "", 0, 0
+            prefix, window = "", decode(ids, skip_special_tokens=True)
+        new = window[len(prefix):]
+        if new.endswith("\ufffd"):  # an incomplete character: decode these tokens again next time
+            return seq.text + new
+        seq.text += new
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return seq.text
 
     def _emit(self, seq: Sequence, text: str, finish: str | None = None) -> None:
         lps, seq.pending_lp = seq.pending_lp, []
@@ -441,7 +466,7 @@ class Engine:
             return
         seq.finished = True
         if text is None:
-            text = self.tokenizer.decode(text_ids if text_ids is not None else seq.out, skip_special_tokens=True)
+            text = self._text(seq, text_ids) if reason in ("stop", "length") else ""
         for group in (self.prefilling, self.decoding):
             if seq in group:
                 group.remove(seq)

@@ -384,3 +384,59 @@ def test_lean_forward_is_not_used_for_other_architectures():
     assert Engine(phi, Tok(), EngineConfig()).lean is None
     with pytest.raises(ValueError, match="lean forward pass does not cover model type 'phi3'"):
         Engine(phi, Tok(), EngineConfig(forward="lean"))
+
+
+def test_incremental_detokenization_equals_decoding_the_whole_output(smollm2_dir):
+    """Engine._text decodes only the tokens since the last character boundary, yet returns
+    exactly tokenizer.decode(all tokens) after every token: for text whose characters span
+    several byte-level tokens (CJK, emoji), special tokens in the middle, and random ids."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from llmzip.serve.engine import Sequence
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            decoded.append(len(ids))
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    eng = types.SimpleNamespace(tokenizer=Counting())
+    text = "Grüße aus Zürich! 東京タワーは高い 🌊🚢 naïve café — “quotes” and ∑ x² ≥ 0.\n  indented"
+    rand = torch.randint(0, tok.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = tok.encode(text) * 3 + [tok.eos_token_id] + tok.encode(" after EOS 🎉") + rand
+    seq = Sequence(0, [1], SamplingParams(), lambda e: None)
+    mismatches = 0
+    for n in range(1, len(ids) + 1):
+        seq.out = ids[:n]
+        mismatches += Engine._text(eng, seq) != tok.decode(ids[:n], skip_special_tokens=True)
+    assert mismatches == 0
+    # Each call decodes a short window twice, not the whole output: sum of decoded lengths
+    # is O(tokens), where whole-output decoding would be about len(ids)^2 / 2.
+    assert sum(decoded) < 8 * len(ids), (sum(decoded), len(ids))
+
+
+def test_incremental_detokenization_keeps_spaces_a_sentencepiece_decode_strips():
+    """A Metaspace decoder (Llama/Mistral SentencePiece tokenizers) drops the leading space
+    of a decode's first token: decoding each new token alone would give "Helloworld!"."""
+    import types
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from llmzip.serve.engine import Sequence
+
+    vocab = {"▁Hello": 0, "▁world": 1, "!": 2, "▁a": 3, "b": 4, "<unk>": 5}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    eng = types.SimpleNamespace(tokenizer=PreTrainedTokenizerFast(tokenizer_object=t))
+    seq = Sequence(0, [1], SamplingParams(), lambda e: None)
+    got = []
+    for tok in [0, 1, 2, 3, 4, 1, 1, 2]:
+        seq.out.append(tok)
+        got.append(Engine._text(eng, seq))
+    assert got[-1] == "Hello world! ab world world!"
+    assert got[:3] == ["Hello", "Hello world", "Hello world!"]
