@@ -187,7 +187,7 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
 
 
 @pytest.mark.parametrize("group,symmetric", [(64, True), (32, False), (None, True), (None, False)])
-def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric):
+def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric, monkeypatch):
     """The dense path's dequantization (bytes of the packed words, (u - 8 - z) * s in bf16)
     rounds every weight once, exactly as the reference's fp32 (q - z) * s cast to bf16."""
     from llmzip.kernels import cpu_int4
@@ -197,6 +197,8 @@ def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric):
     assert m.kernel_cache["cpu_int4"]["dense"] is not None
     assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
     assert cpu_int4.dense_from(m) <= 80  # so test_cpu_int4_kernel_matches_reference covers the dense path
+    monkeypatch.setattr(cpu_int4, "DEQUANT_BLOCK", 7 * m.in_features)  # blocks of 7 rows, the last one short
+    assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
 
 
 def test_cpu_int4_runs_float32_through_the_reference():
