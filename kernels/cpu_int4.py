@@ -14,7 +14,7 @@ with the rows; from `DENSE_FROM` rows, dequantizing the whole weight once and ru
 dense matmul is faster. That dequantization reads the module's own int32 words as bytes
 (two codes per byte, low nibble first on a little-endian host) and computes
 (u - 8 - z) * s per group in fp32, then casts once, as the reference does (bit-equal); in
-fp32 the two passes run ~1.6x faster than in bf16, which torch widens per operation. float32
+fp32 those passes run faster than in bf16, which torch widens per operation. float32
 activations take the reference, where torch's int4 matmul is 10-30x slower than in
 bf16/fp16.
 Numerics: in bf16, torch rounds each dequantized weight to bf16 before the product, so the
@@ -111,7 +111,7 @@ def _dequantize_rows(b: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor,
     """Packed bytes [n, K / 2] -> weights [n, groups, group] in `dtype`."""
     # Byte j of a row holds codes 2j (low nibble) and 2j + 1 (high). Widened to int16, the
     # low nibble stays in the low byte and the high one moves to the high byte: viewed as
-    # bytes again, the codes come out in order (2.2x faster than interleaving with stack).
+    # bytes again, the codes come out in order (faster than interleaving them with stack).
     w = b.to(torch.int16)
     u = ((w & 15) | ((w << 4) & 0x0F00)).view(torch.uint8).view(b.shape[0], offset.shape[1], -1).float()
     return u.sub_(offset).mul_(scale).to(dtype)
