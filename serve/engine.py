@@ -434,8 +434,7 @@ class Engine:
         call decodes only the tokens from the previous character boundary on, next to the
         tokens before it (the window's first token decodes alike in both, so a leading space
         a tokenizer strips from a decode's first token is kept). Decoding the whole output
-        for every token grows with its length (SmolLM2's tokenizer: 0.1 ms at 512 tokens,
-        0.38 ms at 2048, per running sequence and step)."""
+        for every token would cost each step time that grows with the outputs' lengths."""
         ids = seq.out if ids is None else ids
         decode = self.tokenizer.decode
         prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True) \
