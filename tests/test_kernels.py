@@ -188,8 +188,9 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
 
 @pytest.mark.parametrize("group,symmetric", [(64, True), (32, False), (None, True), (None, False)])
 def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric, monkeypatch):
-    """The dense path's dequantization (bytes of the packed words, (u - 8 - z) * s in bf16)
-    rounds every weight once, exactly as the reference's fp32 (q - z) * s cast to bf16."""
+    """The dense path's dequantization (bytes of the packed words, (u - 8 - z) * s in fp32,
+    whole or in blocks of rows) rounds every weight once, exactly as the reference's fp32
+    (q - z) * s cast to bf16."""
     from llmzip.kernels import cpu_int4
 
     m = layer(group=group, symmetric=symmetric, n=80, dtype=torch.bfloat16)
