@@ -8,13 +8,14 @@ Part 2, decode: SmolLM2-135M W4 g64 (RTN) generating 64 tokens greedily after a
 32-token prompt, batch 1 and 8, with each kernel, vs the bf16 model.
 
     .venv/bin/python bench/kernels_cpu.py      # writes bench/results/kernels_cpu.{json,md}
+    .venv/bin/python bench/kernels_cpu.py --out bench/results/kernels_cpu_avx2   # an AVX2 machine
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def linear_rows() -> list[dict]:
             table = c["table"].to(x.dtype)
             row["int4_matmul_us"] = median_us(
                 lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, c["packed"], c["group"], table))
-            row["dense_path_us"] = median_us(lambda: F.linear(x, cpu_int4.dense_weight(m, x.dtype)))
+            row["dense_path_us"] = median_us(lambda: cpu_int4.dense_linear(x, m))
             rows.append({k: round(v, 2) if isinstance(v, float) and k.endswith("us") else v for k, v in row.items()})
             print(rows[-1], flush=True)
     return rows
@@ -105,18 +106,24 @@ def decode_rows() -> list[dict]:
 def main() -> None:
     from llmzip.kernels import cpu_int4
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels_cpu"))
+    args = ap.parse_args()
+
     linear = linear_rows()
     decode = decode_rows()
     result = {"benchmark": "CPU kernels for W4 g64 Linear layers vs bf16 dense", "torch": torch.__version__,
               "threads": torch.get_num_threads(),
-              "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
+              "machine": describe(),
               "command": "python bench/kernels_cpu.py " + " ".join(sys.argv[1:]), "linear": linear, "decode": decode}
-    out = Path(__file__).resolve().parent / "results"
-    (out / "kernels_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {result['benchmark']}", "", f"torch {torch.__version__}, {result['threads']} threads, "
              f"{result['machine']}; `{result['command']}`", "",
              f"cpu_int4 runs torch's int4 matmul below max({cpu_int4.DENSE_FROM}, weights / "
-             f"{cpu_int4.DENSE_WEIGHTS_PER_ROW}) rows and its own dequantize + bf16 matmul from there; both "
+             f"{cpu_int4.DENSE_WEIGHTS_PER_ROW}) rows and its own dequantize + matmul from there (in fp32 where bf16 matmuls are not native); both "
              "paths are timed at every M.", "",
              "| K x N | M | bf16 dense us | reference us | cpu_int4 us | int4 matmul us | dense path us | "
              "cpu_int4 / bf16 | reference / bf16 |",
@@ -127,7 +134,7 @@ def main() -> None:
                      f"{r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | {r['reference_us'] / r['bf16_dense_us']:.2f} |")
     lines += ["", "| decode (SmolLM2-135M, 32 + 64 tokens) | batch | s | new tokens/s |", "|---|---:|---:|---:|"]
     lines += [f"| {d['model']} | {d['batch']} | {d['seconds']} | {d['new_tokens_per_s']} |" for d in decode]
-    (out / "kernels_cpu.md").write_text("\n".join(lines) + "\n")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

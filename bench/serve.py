@@ -300,13 +300,24 @@ def main() -> None:
         if len(group) > 1:
             row["aggregate_tok_s_runs"] = [r["aggregate_tok_s"] for r in group]
         rows.append(row)
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "device": device(),
+    meta = {"machine": machine(), "device": device(),
             "max_tokens": args.max_tokens, "requests_per_stream": args.requests_per_stream, "rounds": args.rounds,
             "prompts": len(PROMPTS), "command": " ".join(sys.argv)}
     if args.note:
         meta["note"] = args.note
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_md(args.out, meta, rows)
+
+
+def machine() -> str:
+    """The CPU (bench/machine.py), or its bare architecture where torch is missing."""
+    try:
+        sys.path.insert(0, str(HERE))
+        from machine import describe
+
+        return describe()
+    except ImportError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
 
 
 def device() -> str:

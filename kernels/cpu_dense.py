@@ -1,23 +1,42 @@
-"""Dense bf16 Linear on CPU with its weight prepacked once for oneDNN.
+"""Dense bf16 Linear on CPU with its weight prepared once for the CPU's fastest product.
 
-`F.linear` with a bf16 weight hands the weight to oneDNN in its plain layout, and oneDNN
-reorders it into its blocked layout on every call. For the few rows of a decode step that
-reorder costs as much as the product: SmolLM2's LM head (49152 x 576) at 8 rows runs 1.97x
-faster prepacked, its other Linears 1.4-1.6x; at 512 rows (prefill) 1.0-1.1x
+On CPUs with native bf16 arithmetic (oneDNN's bf16 path: AVX512-BF16, AMX), `F.linear`
+with a bf16 weight hands the weight to oneDNN in its plain layout, and oneDNN reorders it
+into its blocked layout on every call. For the few rows of a decode step that reorder costs
+as much as the product: SmolLM2's LM head (49152 x 576) at 8 rows runs 1.97x faster
+prepacked, its other Linears 1.4-1.6x; at 512 rows (prefill) 1.0-1.1x
 (bench/results/prepack_cpu.md). So the serving engine reorders such weights once, here,
-and calls oneDNN's linear on the packed copy.
+and calls oneDNN's linear on the packed copy: the same product F.linear computes
+(tests/test_kernels.py checks it bit for bit).
 
-The packed weight is a copy: it costs as much memory as the weight it packs. The result is
-the same oneDNN product F.linear computes (tests/test_kernels.py checks it bit for bit).
+On CPUs without it (AVX2), a bf16 matmul of more than one row is far slower than the same
+product in fp32 (bf16 F.linear's time grows with the rows); there the copy is the weight
+in fp32 and the product runs in fp32 (`W @ x^T`, then rounded once to bf16): the bf16
+inputs' exact products summed in fp32, as F.linear sums them, in another order. One or two
+rows (decode steps of one or two streams) still run on the bf16 weight: such a product is
+bound by reading the weight, and bf16 is half the bytes (bench/results/prepack_cpu_avx2.md).
+
+Either copy costs memory: as much as the weight (oneDNN) or twice as much (fp32).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 # oneDNN picks the packed layout for a typical number of rows; any row count runs on it.
 ROWS_HINT = 8
+# fp32 copies: up to this many rows, F.linear on the bf16 weight is as fast or faster (see above).
+BF16_ROWS = 2
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this torch and CPU run bf16 matmuls natively (oneDNN's bf16 path)."""
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def available(linear: nn.Module) -> tuple[bool, str]:
@@ -29,28 +48,53 @@ def available(linear: nn.Module) -> tuple[bool, str]:
         return False, f"weight on {w.device.type}, not cpu"
     if w.dtype != torch.bfloat16:
         return False, f"{w.dtype} weight: prepacking is for bf16"
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return False, "this torch or CPU has no oneDNN bf16 linear"
-    return True, "oneDNN bf16 linear on a prepacked weight"
+    if native_bf16():
+        return True, "oneDNN bf16 linear on a prepacked weight"
+    return True, "fp32 copy of the weight (this CPU has no native bf16 matmul)"
+
+
+def fp32_linear(x2: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x2 [M, K] @ w32[N, K]^T (+ bias) in fp32, as a contiguous [M, N] tensor in `dtype`.
+    As W @ x^T: on AVX2, 1.3-2.5x faster than F.linear(x, W) at decode-step row counts."""
+    y = torch.mm(w32, x2.float().t()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype, memory_format=torch.contiguous_format)
 
 
 class PackedLinear:
-    """y = x @ W^T + b for `linear`'s W and b, on a oneDNN-prepacked copy of W."""
+    """y = x @ W^T + b for `linear`'s W and b, on a copy of W prepared once: oneDNN-prepacked
+    bf16 where the CPU has native bf16 matmuls, else fp32 (see the module docstring).
+    mode: "auto" (that choice), "onednn" or "fp32"."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, mode: str = "auto"):
         ok, why = available(linear)
         if not ok:
             raise ValueError(f"cannot prepack this layer: {why}")
+        if mode not in ("auto", "onednn", "fp32"):
+            raise ValueError(f"mode {mode!r}: choose auto, onednn or fp32")
+        if mode == "onednn" and not native_bf16():
+            raise ValueError("this torch or CPU has no oneDNN bf16 linear")
+        self.mode = mode if mode != "auto" else ("onednn" if native_bf16() else "fp32")
         self.out_features = linear.out_features
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), ROWS_HINT)
+            w = linear.weight.detach()
+            if self.mode == "onednn":
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, ROWS_HINT)
+            else:
+                self.packed = w.float().contiguous()
+                self.weight = w  # the layer's own bf16 weight, not a copy
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        if self.mode == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        elif x2.shape[0] <= BF16_ROWS and x.dtype == self.weight.dtype:
+            y = torch.nn.functional.linear(x2, self.weight, self.bias)
+        else:
+            y = fp32_linear(x2, self.packed, self.bias, x.dtype)
         return y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
 
 

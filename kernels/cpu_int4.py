@@ -14,7 +14,10 @@ with the rows; from `DENSE_FROM` rows, dequantizing the whole weight once and ru
 dense matmul is faster. That dequantization reads the module's own int32 words as bytes
 (two codes per byte, low nibble first on a little-endian host) and computes
 (u - 8 - z) * s per group in fp32, then casts once, as the reference does (bit-equal); in
-fp32 those passes run faster than in bf16, which torch widens per operation. float32
+fp32 those passes run faster than in bf16, which torch widens per operation. On CPUs
+without native bf16 matmuls (AVX2; `cpu_dense.native_bf16`) the product runs in fp32 on
+those bf16 weights widened to fp32 (exactly: the same products, summed in fp32 and
+rounded once, as a bf16 matmul sums them), several times faster there than a bf16 matmul. float32
 activations take the reference, where torch's int4 matmul is 10-30x slower than in
 bf16/fp16.
 Numerics: in bf16, torch rounds each dequantized weight to bf16 before the product, so the
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from llmzip.packing import unpack_int32
 
-from . import reference
+from . import cpu_dense, reference
 
 GROUPS = (256, 128, 64, 32)
 # Rows of x from which dequantize + matmul beats torch's int4 matmul: about 72 for
@@ -117,6 +120,15 @@ def _dequantize_rows(b: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor,
     return u.sub_(offset).mul_(scale).to(dtype)
 
 
+def dense_linear(x2: torch.Tensor, module) -> torch.Tensor:
+    """The dense path for x2 [M, K] (bf16/fp16): the whole weight dequantized, then one matmul,
+    in fp32 where this CPU has no native bf16 matmul (see above)."""
+    w = dense_weight(module, x2.dtype)
+    if cpu_dense.native_bf16():
+        return F.linear(x2, w, module.bias)
+    return cpu_dense.fp32_linear(x2, w.float(), module.bias, x2.dtype)
+
+
 def linear(x: torch.Tensor, module) -> torch.Tensor:
     if "cpu_int4" not in module.kernel_cache:
         prepare(module)
@@ -128,7 +140,8 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
     if x2.shape[0] >= dense_from(module):
         if c["dense"] is None:
             return reference.linear(x, module)
-        return F.linear(x, dense_weight(module, x.dtype), module.bias)
+        y = dense_linear(x2, module)
+        return y if x.dim() == 2 else y.reshape(*shape[:-1], module.out_features)
     if c["perm"] is not None:
         x2 = x2[:, c["perm"]]
     table = c["by_dtype"].get(x.dtype)

@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="CPU: run dense bf16 Linears (the LM head; all Linears of an unquantized model) on their "
-                        "own weights instead of oneDNN-prepacked copies: less memory, slower decode steps")
+                        "own weights instead of prepared copies (oneDNN-prepacked bf16, or fp32 on CPUs without "
+                        "native bf16 matmuls): less memory, slower decode steps")
     s.add_argument("--engine", default="llmzip", choices=["llmzip", "vllm"],
                    help="llmzip's engine, or vLLM's OpenAI server on the same checkpoint (optional extra)")
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard over")

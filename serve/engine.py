@@ -96,7 +96,7 @@ class EngineConfig:
     max_queue: int = 256
     attention: str = "auto"  # decode steps on an int8 pool: "kernel" (Triton, reads the pool), "gather", "auto"
     forward: str = "auto"  # "lean" (serve/lean.py, Llama-family), "model" (the model's own forward), "auto"
-    prepack: bool = True  # lean forward on CPU: dense bf16 Linears on oneDNN-prepacked copies (see LeanModel)
+    prepack: bool = True  # lean forward on CPU: dense bf16 Linears on prepared copies (see LeanModel)
 
 
 class Engine:

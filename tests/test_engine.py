@@ -333,16 +333,18 @@ def test_lean_forward_matches_the_models_own(arch, quantized):
         assert torch.equal(y, ref)
 
 
+PREPACK_FP32_TOL = 1e-2  # of the largest logit (seen: up to 1.5e-3, tiny W4 model)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "w4"])
 def test_lean_forward_on_prepacked_bf16_linears_gives_the_same_logits(quantized):
     """With prepack (the default), the LM head, and every Linear of an unquantized bf16 model,
-    run on oneDNN-prepacked copies (kernels/cpu_dense.py); quantized Linears keep their
-    kernel. The logits are bit-equal to the same pass on the Linears' own weights."""
+    run on prepared copies (kernels/cpu_dense.py); quantized Linears keep their kernel.
+    With oneDNN's prepacked bf16 the logits are bit-equal to the same pass on the Linears'
+    own weights; with the fp32 copies of CPUs without native bf16, within PREPACK_FP32_TOL
+    (the fp32 products are rounded to bf16 once, where a bf16 matmul may sum in another order)."""
     from llmzip.api import quantize_model
     from llmzip.kernels import cpu_dense
-
-    if not cpu_dense.available(torch.nn.Linear(8, 8).to(torch.bfloat16))[0]:
-        pytest.skip("no oneDNN bf16 linear here")
     model = _tiny("qwen2", dtype=torch.bfloat16)
     if quantized:
         quantize_model(model, QuantConfig(weights=WeightScheme(4, 32)), progress=False)
@@ -355,7 +357,10 @@ def test_lean_forward_on_prepacked_bf16_linears_gives_the_same_logits(quantized)
     layer = packed.lean.layers[0]
     assert all(isinstance(m, cpu_dense.PackedLinear) != quantized for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
     for x, y in zip(_step_logits(packed, prompts), _step_logits(plain, prompts)):
-        assert torch.equal(x, y)
+        if packed.lean.lm_head.mode == "onednn":
+            assert torch.equal(x, y)
+        else:
+            assert (x - y).abs().max().item() <= PREPACK_FP32_TOL * y.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

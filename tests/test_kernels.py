@@ -170,11 +170,15 @@ def test_info_kernels_shows_choice_and_refusals(tmp_path):
 @pytest.mark.parametrize("group,symmetric,act_order", [(64, True, None), (32, False, None), (None, False, None),
                                                        (64, True, "uniform"), (64, True, "ragged")])
 @pytest.mark.parametrize("M", [1, 3, 80, 130])
-def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M, native_bf16, monkeypatch):
     """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; from DENSE_FROM
-    rows (80, 130) the kernel's own dequantize + matmul, and ragged act-order groups take
-    the reference path inside the kernel."""
-    from llmzip.kernels import cpu_int4
+    rows (80, 130) the kernel's own dequantize + matmul (a bf16 matmul, or the fp32 one
+    CPUs without native bf16 take), and ragged act-order groups take the reference path
+    inside the kernel."""
+    from llmzip.kernels import cpu_dense, cpu_int4
+
+    monkeypatch.setattr(cpu_dense, "native_bf16", lambda: native_bf16)
 
     m = layer(group=group, symmetric=symmetric, act_order=act_order, n=80, dtype=torch.bfloat16)
     ok, why = cpu_int4.can_implement(m.spec(), torch.device("cpu"))
@@ -231,20 +235,53 @@ def test_cpu_int4_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,k", [(49152, 576), (960, 576), (17, 33)])
 def test_cpu_dense_prepacked_linear_is_bit_equal_to_f_linear(n, k, bias):
-    """kernels/cpu_dense.py: oneDNN's linear on a prepacked bf16 weight returns exactly what
-    F.linear returns, for decode-step and prefill row counts and odd shapes."""
+    """kernels/cpu_dense.py, CPUs with native bf16: oneDNN's linear on a prepacked bf16
+    weight returns exactly what F.linear returns, for decode-step and prefill row counts
+    and odd shapes."""
     from llmzip.kernels import cpu_dense
 
     lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
-    ok, why = cpu_dense.available(lin)
-    if not ok:
-        pytest.skip(why)
+    if not cpu_dense.native_bf16():
+        pytest.skip("this CPU has no oneDNN bf16 linear")
     packed = cpu_dense.PackedLinear(lin)
+    assert packed.mode == "onednn"
     for m in (1, 8, 17, 130, 512):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
         assert torch.equal(packed(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     x3 = torch.randn(2, 3, k).bfloat16()
     assert torch.equal(packed(x3), torch.nn.functional.linear(x3, lin.weight, lin.bias))
+
+
+BF16_ROUNDING = 2.0**-7  # a bf16 result vs the fp32 one: its rounding, plus a flip where fp32 sums differ in order
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(4096, 576), (17, 33)])
+def test_cpu_dense_fp32_copy_rounds_the_fp32_product(n, k, bias):
+    """kernels/cpu_dense.py, the copy CPUs without native bf16 use (forced here on any CPU):
+    each output is the fp32 product of the bf16 inputs rounded once to bf16, so within
+    bf16 rounding of F.linear in fp32, contiguous, in the input's shape; up to BF16_ROWS rows
+    run F.linear on the layer's own bf16 weight."""
+    from llmzip.kernels import cpu_dense
+
+    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    packed = cpu_dense.PackedLinear(lin, mode="fp32")
+    assert packed.mode == "fp32" and packed.packed.dtype == torch.float32
+    w32, b32 = lin.weight.float(), None if lin.bias is None else lin.bias.float()
+    for m in (1, 8, 17, 130):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        y, ref = packed(x), torch.nn.functional.linear(x.float(), w32, b32)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous() and y.shape == (m, n)
+        assert ((y.float() - ref).abs() <= ref.abs() * BF16_ROUNDING + 1e-6).all()
+    for m in range(1, cpu_dense.BF16_ROWS + 1):
+        x1 = torch.randn(m, k).bfloat16()
+        assert torch.equal(packed(x1), torch.nn.functional.linear(x1, lin.weight, lin.bias))
+    x3 = torch.randn(2, 3, k).bfloat16()
+    assert packed(x3).shape == (2, 3, n)
+    if not cpu_dense.native_bf16():
+        assert cpu_dense.PackedLinear(lin).mode == "fp32"
+        with pytest.raises(ValueError, match="no oneDNN bf16 linear"):
+            cpu_dense.PackedLinear(lin, mode="onednn")
 
 
 def test_cpu_dense_prepacks_only_bf16_dense_linears():
