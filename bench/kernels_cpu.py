@@ -1,11 +1,13 @@
-"""CPU kernels for 4-bit layers: torch's int4 matmul (kernels/cpu_int4.py) and the reference
-(dequantize, then matmul) vs the bf16 dense layer, on this CPU.
+"""CPU kernels for 4-bit layers: cpu_int4 (kernels/cpu_int4.py: AMX tiles where the CPU has
+them, else torch's int4 matmul) and the reference (dequantize, then matmul) vs the bf16 dense
+layer, on this CPU.
 
 Part 1, one Linear: SmolLM2-135M's shapes (K x N) and a 4096 x 4096 one, W4 g64 symmetric,
 random codes and scales, bf16 activations, M rows; median of repeated calls
 (torch.utils.benchmark, which also handles warm-up).
 Part 2, decode: SmolLM2-135M W4 g64 (RTN) generating 64 tokens greedily after a
-32-token prompt, batch 1 and 8, with each kernel, vs the bf16 model.
+32-token prompt, batch 1 and 8, with each kernel (cpu_int4 also with AMX switched off),
+vs the bf16 model.
 
     .venv/bin/python bench/kernels_cpu.py      # writes bench/results/kernels_cpu.{json,md}
     .venv/bin/python bench/kernels_cpu.py --out bench/results/kernels_cpu_avx2   # an AVX2 machine
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (4096, 4096)]
-MS = [1, 4, 16, 48, 72, 96, 256]
+MS = [1, 4, 8, 16, 48, 72, 96, 256, 512]
 
 
 def layer(K: int, N: int):
@@ -45,7 +47,8 @@ def median_us(fn) -> float:
 
 
 def linear_rows() -> list[dict]:
-    from llmzip.kernels import cpu_int4, reference
+    from llmzip.kernels import cpu_int4, cpu_int4_amx, reference
+    from llmzip.packing import unpack_int32
 
     rows = []
     for K, N in SHAPES:
@@ -61,11 +64,14 @@ def linear_rows() -> list[dict]:
                    "bf16_dense_us": median_us(lambda: F.linear(x, w)),
                    "reference_us": median_us(lambda: reference.linear(x, m)),
                    "cpu_int4_us": median_us(lambda: cpu_int4.linear(x, m)), "cpu_int4_rel_err": err}
-            c = m.kernel_cache["cpu_int4"]  # the kernel's two paths, whichever M picks
+            c = m.kernel_cache["cpu_int4"]  # the kernel's paths, whichever M and CPU pick
             table = c["table"].to(x.dtype)
+            packed = c["packed"] if c["packed"] is not None else \
+                cpu_int4._int4pack(unpack_int32(m.weight_packed, 4, K, dim=1))
             row["int4_matmul_us"] = median_us(
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, c["packed"], c["group"], table))
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, c["group"], table))
             row["dense_path_us"] = median_us(lambda: cpu_int4.dense_linear(x, m))
+            row["amx_us"] = median_us(lambda: cpu_int4_amx.linear(x, c["amx"])) if c["amx"] else None
             rows.append({k: round(v, 2) if isinstance(v, float) and k.endswith("us") else v for k, v in row.items()})
             print(rows[-1], flush=True)
     return rows
@@ -75,20 +81,27 @@ def decode_rows() -> list[dict]:
     import llmzip
     from llmzip.config import QuantConfig, WeightScheme
     from llmzip.models import load_pretrained, resolve
+    from llmzip.kernels import cpu_int4_amx
     from llmzip.quant_linear import QuantLinear
 
+    available = cpu_int4_amx.available
     base, tok = load_pretrained(str(resolve("smollm2-135m")))
     q, _ = llmzip.quantize(str(resolve("smollm2-135m")), QuantConfig(weights=WeightScheme(4, 64)), progress=False)
     rows = []
     for batch in (1, 8):
         ids = torch.randint(100, 20000, (batch, 32), generator=torch.Generator().manual_seed(batch))
         kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id)
-        for label, model, kernel in (("bf16", base, None), ("w4 g64 reference", q, "reference"),
-                                     ("w4 g64 cpu_int4", q, "cpu_int4")):
+        for label, model, kernel, amx in (("bf16", base, None, False), ("w4 g64 reference", q, "reference", False),
+                                          ("w4 g64 cpu_int4, torch int4 matmul", q, "cpu_int4", False),
+                                          ("w4 g64 cpu_int4, AMX", q, "cpu_int4", True)):
+            if amx and not cpu_int4_amx.available():
+                continue
+            cpu_int4_amx.available = (lambda: amx) if not amx else available
             if kernel:
                 os.environ["LLMZIP_KERNEL"] = kernel
                 for m in model.modules():
                     if isinstance(m, QuantLinear):
+                        m.kernel_cache.clear()
                         m.select_kernel(torch.device("cpu"))
                 assert {m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)} == {kernel}
             with torch.no_grad():
@@ -100,11 +113,12 @@ def decode_rows() -> list[dict]:
                          "new_tokens_per_s": round(batch * 64 / s, 1)})
             print(rows[-1], flush=True)
     os.environ.pop("LLMZIP_KERNEL", None)
+    cpu_int4_amx.available = available
     return rows
 
 
 def main() -> None:
-    from llmzip.kernels import cpu_int4
+    from llmzip.kernels import cpu_int4, cpu_int4_amx
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from machine import describe
@@ -122,16 +136,20 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {result['benchmark']}", "", f"torch {torch.__version__}, {result['threads']} threads, "
              f"{result['machine']}; `{result['command']}`", "",
-             f"cpu_int4 runs torch's int4 matmul below max({cpu_int4.DENSE_FROM}, weights / "
-             f"{cpu_int4.DENSE_WEIGHTS_PER_ROW}) rows and its own dequantize + matmul from there (in fp32 where bf16 matmuls are not native); both "
-             "paths are timed at every M.", "",
-             "| K x N | M | bf16 dense us | reference us | cpu_int4 us | int4 matmul us | dense path us | "
-             "cpu_int4 / bf16 | reference / bf16 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"cpu_int4 runs the AMX kernel (kernels/cpu_int4_amx.c) where the CPU has AMX "
+             f"({'here' if cpu_int4_amx.available() else 'not here'}); elsewhere torch's int4 matmul below "
+             f"max({cpu_int4.DENSE_FROM}, weights / {cpu_int4.DENSE_WEIGHTS_PER_ROW}) rows and its own dequantize + "
+             "matmul from there (in fp32 where bf16 matmuls are not native). Every path is timed at every M.", "",
+             "| K x N | M | bf16 dense us | reference us | cpu_int4 us | AMX us | int4 matmul us | dense path us | "
+             "cpu_int4 / bf16 | int4 matmul / AMX |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in linear:
+        amx = r["amx_us"]
+        speedup = f"{r['int4_matmul_us'] / amx:.2f}" if amx else "-"
         lines.append(f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_dense_us']} | {r['reference_us']} | "
-                     f"{r['cpu_int4_us']} | {r['int4_matmul_us']} | {r['dense_path_us']} | "
-                     f"{r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | {r['reference_us'] / r['bf16_dense_us']:.2f} |")
+                     f"{r['cpu_int4_us']} | {amx if amx else '-'} | {r['int4_matmul_us']} | {r['dense_path_us']} | "
+                     f"{r['cpu_int4_us'] / r['bf16_dense_us']:.2f} | "
+                     f"{speedup} |")
     lines += ["", "| decode (SmolLM2-135M, 32 + 64 tokens) | batch | s | new tokens/s |", "|---|---:|---:|---:|"]
     lines += [f"| {d['model']} | {d['batch']} | {d['seconds']} | {d['new_tokens_per_s']} |" for d in decode]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

