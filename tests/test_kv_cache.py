@@ -109,10 +109,14 @@ def test_bytes_per_token_matches_what_the_cache_holds():
         assert per_token == pytest.approx(bytes_per_token(cfg, H, D), rel=1e-6), scheme
 
 
+INT8_GREEDY_FIRST_DIFF = 8
+
+
 def test_int8_greedy_generation_matches_full_precision(smol_kv):
     """32 greedy tokens on 4 prompts: at least 3 of 4 identical to the bf16 cache's, and
-    none diverging before token 16 (measured: 3 of 4 identical, the fourth from token 24;
-    a 135M bf16 model has near-ties that any rounding can flip)."""
+    none diverging before token 8 (measured: 3 of 4 identical, the fourth from token 24 on
+    one CPU and from token 11 on an AMX Xeon, whose bf16 matmuls round differently; a 135M
+    bf16 model has near-ties that any rounding can flip)."""
     model, tok, _ = smol_kv
     prompts = ["The history of the city begins", "In mathematics, a prime number is",
                "The river flows through", "Photosynthesis is the process by which"]
@@ -125,7 +129,7 @@ def test_int8_greedy_generation_matches_full_precision(smol_kv):
         n = min(len(ref), len(out))
         first_diffs.append(next((i for i in range(n) if ref[i] != out[i]), n))
         identical += bool(torch.equal(ref, out))
-    assert identical >= 3 and min(first_diffs) >= 16, first_diffs
+    assert identical >= 3 and min(first_diffs) >= INT8_GREEDY_FIRST_DIFF, first_diffs
 
 
 def test_ppl_through_the_cache_orders_schemes(smol_kv, wiki_ids):
