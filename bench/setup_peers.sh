@@ -33,5 +33,7 @@ fi
 if [ ! -x .venvs/llamacpp/bin/python ]; then
   python3 -m venv .venvs/llamacpp
   .venvs/llamacpp/bin/pip install -q --upgrade pip
-  .venvs/llamacpp/bin/pip install -q "llama-cpp-python[server]"  # builds llama.cpp (~7 min on 2 cores)
+  # Built from source (~7 min on 2 cores): 0.3.36 (a prebuilt or cached wheel) hung and
+  # segfaulted on a 4-token completion on an AMX Xeon; 0.3.16 built here runs.
+  .venvs/llamacpp/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python[server]==0.3.16"
 fi
