@@ -37,11 +37,11 @@ for part in $PARTS; do
   case "$part" in
     tests)    # CUDA correctness of calibration, Triton qmm and paged decode attention
       # default kernel configs here (autotuning every parametrized case would take minutes);
-      # bench/kernels.py checks the tuned configs against the reference on every shape
+      # bench/kernels_gpu.py checks the tuned configs against the reference on every shape
       TRITON_INTERPRET=0 LLMZIP_AUTOTUNE=0 timeout 300 $PY -m pytest -q -m gpu tests/test_gpu.py 2>&1 \
         | tee "$OUT/pytest_gpu.txt" || true ;;
     kernels)  # Triton W4 vs cuBLAS fp16 on 8B/70B shapes; 8B-shaped decode
-      timeout 420 $PY bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" || true ;;
+      timeout 420 $PY bench/kernels_gpu.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" || true ;;
     serve)    # llmzip serve: Llama-3-8B-shaped random model, fp16 vs W4 g128, 1/16/64 streams
       $PY bench/random_model.py -o bench/.work/rand8b --tokenizer bench/.work/tokenizer ${SERVE_LAYERS:+--layers $SERVE_LAYERS}
       $PY -m llmzip quantize bench/.work/rand8b --method rtn --bits 4 --group-size 128 \

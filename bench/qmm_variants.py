@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-    from kernels import random_w4
+    from kernels_gpu import random_w4
 
     from llmzip.kernels import triton_qmm
     from llmzip.kernels.reference import dense_weight

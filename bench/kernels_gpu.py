@@ -11,7 +11,7 @@ Then end-to-end decode: a Llama-3-8B-shaped model with random weights, RTN W4 g1
 (llmzip.quantize on the GPU) vs fp16, batch 1 and 16: one decode step with a static KV
 cache captured as a CUDA graph, replayed; tokens/s = batch / step time.
 
-    python bench/kernels.py [--quick] [--out bench/results]     # on a CUDA machine
+    python bench/kernels_gpu.py [--quick] [--out bench/results]     # on a CUDA machine
 
 Writes kernels_<device>.json and .md under --out.
 """
@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/kernels_gpu.py needs a CUDA GPU")
     import triton
 
     device = torch.cuda.get_device_name()
@@ -162,7 +162,7 @@ def main() -> None:
         r["bw_fraction"] = round(r.pop("w4_bytes_per_s") / bw, 3)
     meta = {"benchmark": "Triton W4 g128 fused dequant-matmul vs torch fp16 matmul", "device": device,
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "copy_bandwidth_GBps": round(bw / 1e9, 1), "command": "python bench/kernels.py " + " ".join(sys.argv[1:])}
+            "copy_bandwidth_GBps": round(bw / 1e9, 1), "command": "python bench/kernels_gpu.py " + " ".join(sys.argv[1:])}
     write(Path(args.out), meta, rows, [])  # the kernel table survives a decode run cut short
     lines = write(Path(args.out), meta, rows, decode_rows(args.quick))
     print("\n".join(lines))
