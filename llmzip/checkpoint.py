@@ -13,14 +13,16 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import ConfigError, WeightScheme
+from .errors import UserError
+from .files import check_safetensors, open_safetensors, read_json
 from .moe import prepare_experts
 from .quant_linear import QuantLinear, select_kernels
 from .surgery import linear_names, set_module
@@ -28,7 +30,7 @@ from .surgery import linear_names, set_module
 METADATA_FILE = "llmzip.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete or in a format llmzip cannot load."""
 
 
@@ -77,8 +79,11 @@ def check_output_dir(out_dir: str | Path) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise CheckpointError(f"cannot create {out}: {parent} is a file")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"cannot write to {out}: {parent} is not writable")
+    try:  # os.access says yes to root even where nothing can be created (/proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {out}: nothing can be created in {parent} ({e.strerror}); "
+                              "choose another -o") from None
     return out
 
 
@@ -164,10 +169,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     if "quantization_config" not in raw:
         raise CheckpointError(f"{path} has no quantization_config; load it with transformers")
     loaded = read_scheme(raw["quantization_config"])
+    check_safetensors(path)  # a truncated file fails here, before the model is built
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
@@ -228,7 +234,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds no .safetensors files")
     state = {}
     for f in files:
-        with safe_open(f, framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for k in fh.keys():
                 state[k] = fh.get_tensor(k)
     return state
@@ -236,4 +242,4 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_metadata(path: str | Path) -> dict:
     f = Path(path) / METADATA_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f) if f.is_file() else {}

@@ -190,15 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bad_input_types():
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelError
-
-    return (ConfigError, CheckpointError, DataError, ModelError, OSError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="llmzip: %(message)s")
@@ -210,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmzip: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except _bad_input_types() as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llmzip: error: {first_line}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception:  # noqa: BLE001 - report, do not hide
+    except Exception as e:  # noqa: BLE001 - bad input gets one line, anything else its traceback
+        from .errors import user_message
+
+        message = user_message(e)
+        if message is not None:
+            print(f"llmzip: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         traceback.print_exc()
         print("llmzip: internal error (please report it with the traceback above)", file=sys.stderr)
         return EXIT_INTERNAL

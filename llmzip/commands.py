@@ -52,11 +52,34 @@ def quantize(args) -> int:
     return EXIT_OK
 
 
-def eval_ppl(args) -> int:
-    from .data import load_text
-    from .eval.perplexity import perplexity, tokenize
+def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None):
+    """(token ids, tokenizer) of an evaluation text, checked before any model is loaded:
+    a readable, non-blank text of at least one window of `ctx` tokens (DataError), and
+    window settings that make sense (ConfigError)."""
+    from .config import ConfigError
+    from .data import DataError, load_text
+    from .eval.perplexity import tokenize
+    from .models import load_tokenizer
 
-    text = load_text(args.data)  # fail on bad data before loading a model
+    if ctx < 2:
+        raise ConfigError(f"--ctx {ctx} is too small: a window of ctx tokens scores ctx - 1 of them, use at least 2")
+    if stride is not None and not 0 < stride <= ctx:
+        raise ConfigError(f"--stride {stride} must be between 1 and --ctx ({ctx})")
+    text = load_text(source)
+    if not text.strip():
+        raise DataError(f"text source '{source}' is empty or only whitespace: give a text of at least {ctx} tokens")
+    tok = load_tokenizer(model)
+    ids = tokenize(tok, text)
+    if ids.numel() < ctx:
+        raise DataError(f"text source '{source}' has {ids.numel()} tokens, fewer than one window of --ctx {ctx}: "
+                        "give a longer text or a smaller --ctx")
+    return ids, tok
+
+
+def eval_ppl(args) -> int:
+    from .eval.perplexity import perplexity
+
+    ids, tok = _eval_ids(args.model, args.data, args.ctx, args.stride)  # fail on bad data before loading a model
     kv = None
     if args.kv_cache:
         from .config import ConfigError
@@ -66,8 +89,7 @@ def eval_ppl(args) -> int:
             kv = KVCacheConfig(args.kv_cache, residual=args.kv_residual, group=args.kv_group)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    model, tok = load_for_eval(args.model, _dtype(args.dtype))
-    ids = tokenize(tok, text)
+    model, _ = load_for_eval(args.model, _dtype(args.dtype), tokenizer=tok)
     res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows, kv_cache=kv,
                      kv_chunk=args.kv_chunk)
     print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
@@ -96,15 +118,13 @@ def eval_tasks(args) -> int:
 
 
 def eval_kld(args) -> int:
-    from .data import load_text
     from .eval.kld import kl_divergence
-    from .eval.perplexity import tokenize
 
-    text = load_text(args.data)
-    base, base_tok = load_for_eval(args.base, _dtype(args.dtype))
+    ids, base_tok = _eval_ids(args.base, args.data, args.ctx)  # fail on bad data before loading a model
+    base, _ = load_for_eval(args.base, _dtype(args.dtype), tokenizer=base_tok)
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
     check_same_tokenizer(base_tok, tok, args.base, args.model)
-    res = kl_divergence(base, model, tokenize(base_tok, text), ctx=args.ctx, max_windows=args.max_windows)
+    res = kl_divergence(base, model, ids, ctx=args.ctx, max_windows=args.max_windows)
     print(f"KLD mean {res.mean_kld:.5f}  median {res.median_kld:.5f}  p99 {res.p99_kld:.4f}  "
           f"top-1 agreement {res.top1_agreement:.4f}  ppl {res.ppl:.4f} / base {res.base_ppl:.4f} "
           f"= {res.ppl_ratio:.4f}  ({res.tokens} tokens)")

@@ -18,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from .files import open_safetensors
 
 
 class LazyWeights:
@@ -33,7 +34,7 @@ class LazyWeights:
             raise FileNotFoundError(f"{path} holds no .safetensors files")
         where = {}
         for f in files:
-            with safe_open(f, framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for k in fh.keys():
                     where[k] = (f, k)
         self.where = _to_model_keys(model, where)  # module name -> (file, checkpoint name)
@@ -49,7 +50,7 @@ class LazyWeights:
             by_file.setdefault(self.where[n][0], []).append(n)
         out = {}
         for f, group in by_file.items():
-            with safe_open(f, framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for n in group:
                     out[n] = fh.get_tensor(self.where[n][1])
         return out
