@@ -9,7 +9,9 @@ weights of quantized layers are never materialised.
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from .quant_linear import QuantLinear, select_kernels
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
+log = logging.getLogger("llmzip")
 
 
 class CheckpointError(UserError):
@@ -87,6 +90,29 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` directories that a killed save of `out` left
+    behind: only those whose PID is no longer running (never a live process's save in
+    progress). Returns what was removed."""
+    stale = []
+    for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = d.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            stale.append(d)
+    return stale
+
+
 def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metadata: dict) -> Path:
     """Write model (with QuantLinear modules), tokenizer, config and llmzip.json.
 
@@ -109,6 +135,8 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metada
             os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+        for d in remove_stale_temp_dirs(out):  # the output is in place: leftovers of killed saves can go
+            log.info("removed %s, left by an interrupted save", d)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if hasattr(model.config, "quantization_config"):

@@ -200,3 +200,32 @@ def test_library_errors_without_a_file_name_are_still_bad_input():
     assert "corrupt or truncated" in user_message(json.JSONDecodeError("Expecting value", "", 0))
     assert user_message(RuntimeError("a bug")) is None
     assert user_message(ValueError("a bug")) is None
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import llmzip
+os.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed just before the checkpoint is renamed into place
+llmzip.quantize(sys.argv[1], llmzip.QuantConfig(weights=llmzip.WeightScheme(bits=4, group_size=32)),
+                output_dir=sys.argv[2], progress=False)
+"""
+
+
+def test_next_run_removes_temp_dirs_of_killed_saves_only(dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    killed = subprocess.Popen([sys.executable, "-c", KILL_IN_SAVE, str(dirs["base"]), str(out)],
+                              stderr=subprocess.PIPE)
+    assert killed.wait() == -9, killed.stderr.read()
+    left = tmp_path / f".out.tmp-{killed.pid}"
+    assert (left / "model.safetensors").is_file() and not out.exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        in_progress = tmp_path / f".out.tmp-{live.pid}"  # another process's save, still running
+        in_progress.mkdir()
+        assert run_cli("quantize", dirs["base"], "-o", out, "--group-size", 32) == 0, capsys.readouterr().err
+        assert (out / "llmzip.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", in_progress.name])
+    finally:
+        live.kill()
+        live.wait()
+
