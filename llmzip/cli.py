@@ -26,11 +26,14 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _group_size(text: str) -> int | None:
+def _group_size(text: str) -> int | None | str:
+    """'auto' -> 'auto'; '-1' -> None (per-channel); a positive integer -> itself."""
+    if text == "auto":
+        return "auto"
     try:
         g = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'auto', got {text!r}") from None
     if g == -1:
         return None
     if g <= 0:
@@ -53,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
                    help="rtn (no data), or calibrated: gptq, awq, awq+gptq (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
-    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 = per-channel (default: 128)")
+    q.add_argument("--group-size", type=_group_size, default="auto",
+                   help="columns per scale; -1 = per-channel; auto = 128 where it divides every quantized layer's "
+                        "input features, else the largest of 64/32 that does (logged). An explicit size that "
+                        "does not divide a layer is an error (default: auto)")
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="search clipped ranges per group (default: on for gptq, where the error is the layer "

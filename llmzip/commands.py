@@ -18,16 +18,18 @@ def _names(text: str | None) -> list[str]:
 
 
 def quantize(args) -> int:
-    from .api import quantize as run
+    from .api import AUTO_GROUP_SIZES, quantize as run
     from .calibration import CalibConfig
     from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme, clip_by_default
 
     clip = clip_by_default(args.method) if args.clip_search is None else args.clip_search
+    auto_group = args.group_size == "auto"
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential),
         method=args.method,
-        weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
+        weights=WeightScheme(bits=args.bits, group_size=AUTO_GROUP_SIZES[0] if auto_group else args.group_size,
+                             symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if clip else None,
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
         kv_cache=args.kv_cache,
@@ -36,7 +38,7 @@ def quantize(args) -> int:
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
         calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache else None,
-        resume=args.resume, lazy=not args.load_whole_model,
+        resume=args.resume, lazy=not args.load_whole_model, auto_group_size=auto_group,
     )
     from .info import format_report, size_report
 
