@@ -54,7 +54,7 @@ def quantize(args) -> int:
     return EXIT_OK
 
 
-def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None):
+def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None, max_windows: int | None = None):
     """(token ids, tokenizer) of an evaluation text, checked before any model is loaded:
     a readable, non-blank text of at least one window of `ctx` tokens (DataError), and
     window settings that make sense (ConfigError)."""
@@ -67,6 +67,8 @@ def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None):
         raise ConfigError(f"--ctx {ctx} is too small: a window of ctx tokens scores ctx - 1 of them, use at least 2")
     if stride is not None and not 0 < stride <= ctx:
         raise ConfigError(f"--stride {stride} must be between 1 and --ctx ({ctx})")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"--max-windows {max_windows} must be at least 1 (leave it out for the whole text)")
     text = load_text(source)
     if not text.strip():
         raise DataError(f"text source '{source}' is empty or only whitespace: give a text of at least {ctx} tokens")
@@ -81,7 +83,7 @@ def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None):
 def eval_ppl(args) -> int:
     from .eval.perplexity import perplexity
 
-    ids, tok = _eval_ids(args.model, args.data, args.ctx, args.stride)  # fail on bad data before loading a model
+    ids, tok = _eval_ids(args.model, args.data, args.ctx, args.stride, args.max_windows)  # before loading a model
     kv = None
     if args.kv_cache:
         from .config import ConfigError
@@ -122,7 +124,7 @@ def eval_tasks(args) -> int:
 def eval_kld(args) -> int:
     from .eval.kld import kl_divergence
 
-    ids, base_tok = _eval_ids(args.base, args.data, args.ctx)  # fail on bad data before loading a model
+    ids, base_tok = _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # before loading
     base, _ = load_for_eval(args.base, _dtype(args.dtype), tokenizer=base_tok)
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
     check_same_tokenizer(base_tok, tok, args.base, args.model)

@@ -60,7 +60,16 @@ def open_safetensors(path: str | Path):
 
 
 def check_safetensors(directory: str | Path) -> None:
-    """Open the header of every *.safetensors file in `directory` (cheap: no tensor is read)."""
-    for f in sorted(Path(directory).glob("*.safetensors")):
+    """Open the header of every *.safetensors file in `directory` (cheap: no tensor is read),
+    and check that every shard the index (model.safetensors.index.json) lists is there."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise FileFormatError(f"{directory / missing[0]} is missing ({len(missing)} of the {len(shards)} shards "
+                                  f"that {index.name} lists): {REDO}")
+    for f in sorted(directory.glob("*.safetensors")):
         with open_safetensors(f):
             pass

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import FileFormatError
 from .files import open_safetensors
 
 
@@ -39,12 +40,14 @@ class LazyWeights:
                     where[k] = (f, k)
         self.where = _to_model_keys(model, where)  # module name -> (file, checkpoint name)
         self.dtype = dtype
+        self.path = Path(path)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors for module names (views of the file mappings), each file opened once."""
         missing = [n for n in names if n not in self.where]
         if missing:
-            raise KeyError(f"checkpoint has no tensor for {missing[0]}")
+            raise FileFormatError(f"{self.path} has no tensor for {missing[0]}: its weights are incomplete; "
+                                  "restore them, or re-create / re-download the model")
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.where[n][0], []).append(n)

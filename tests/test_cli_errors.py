@@ -116,6 +116,23 @@ def test_bad_config_json(dirs, tmp_path, capsys, command, how):
     assert_one_line_error(capsys, run_cli(*argv), str(bad / "config.json"), needle)
 
 
+@pytest.mark.parametrize("command", [["quantize"], ["eval", "ppl"]])
+def test_missing_shard(dirs, tmp_path, capsys, command):
+    """A sharded model with one shard gone: named before anything is loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(dirs["base"]).save_pretrained(sharded, max_shard_size="4MB")
+    AutoTokenizer.from_pretrained(dirs["base"]).save_pretrained(sharded)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    capsys.readouterr()  # the progress bars of the set-up above
+    argv = ["quantize", sharded, "-o", tmp_path / "o"] if command[0] == "quantize" else ["eval", "ppl", sharded,
+                                                                                         "--ctx", 16]
+    assert_one_line_error(capsys, run_cli(*argv), str(shards[-1]), "is missing")
+
+
 @pytest.mark.parametrize("command", [["eval", "ppl", "--ctx", "16"], ["info"], ["info", "--kernels"],
                                      ["serve", "--port", "0"]])
 def test_truncated_quantized_checkpoint(dirs, tmp_path, capsys, command):
@@ -131,6 +148,8 @@ EVAL_DATA = {  # file content, extra options, words the error must hold
     "invalid utf-8": (b"abc \xff\xfe def " * 100, [], "is not UTF-8 text (byte 0xff at offset 4)"),
     "ctx 0": (b"text " * 1000, ["--ctx", "0"], "--ctx 0 is too small"),
     "ctx 1": (b"text " * 1000, ["--ctx", "1"], "--ctx 1 is too small"),
+    "stride 0": (b"text " * 1000, ["--ctx", "16", "--stride", "0"], "--stride 0 must be between 1 and --ctx"),
+    "max-windows 0": (b"text " * 1000, ["--ctx", "16", "--max-windows", "0"], "--max-windows 0 must be at least 1"),
 }
 
 
