@@ -209,8 +209,7 @@ def load_for_eval(model: str, dtype=None, tokenizer=None):
 
     if is_checkpoint(model):
         return load(Path(model).expanduser(), dtype=dtype), tokenizer or load_tokenizer(model)
-    m, tok = load_pretrained(model, dtype=dtype, tokenizer=tokenizer)
-    return m, tok
+    return load_pretrained(model, dtype=dtype, tokenizer=tokenizer)
 
 
 def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:
