@@ -146,6 +146,7 @@ def compare(args) -> int:
     except ValueError:
         raise ConfigError(f"--max-ppl-increase {args.max_ppl_increase!r}: use a percentage (2%) or fraction (0.02)")
     tasks = _names(args.tasks)
+    _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # bad text: refused before any model loads
     report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
                  Thresholds(max_ppl_increase=inc, max_kld=args.max_kld, max_acc_drop=args.max_acc_drop),
                  dtype=_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,

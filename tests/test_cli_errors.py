@@ -162,11 +162,18 @@ def test_eval_data_refused_before_model_load(dirs, tmp_path, capsys, no_model_lo
     assert_one_line_error(capsys, run_cli("eval", "ppl", dirs[model], "--data", data, *extra), needle)
 
 
-def test_kld_data_refused_before_model_load(dirs, tmp_path, capsys, no_model_load):
+@pytest.mark.parametrize("command", [["eval", "kld"], ["compare"]])
+def test_kld_and_compare_data_refused_before_model_load(dirs, tmp_path, capsys, monkeypatch, no_model_load,
+                                                         command):
+    import llmzip.eval.compare
+
+    monkeypatch.setattr(llmzip.eval.compare, "compare", lambda *a, **k: pytest.fail("compare ran on an empty text"))
     data = tmp_path / "data.txt"
     data.write_bytes(b"\n\n")
-    assert_one_line_error(capsys, run_cli("eval", "kld", dirs["base"], dirs["quant"], "--data", data),
-                          "is empty or only whitespace")
+    argv = [*command, dirs["base"], dirs["quant"], "--data", data, "--report", tmp_path / "r"]
+    if command[0] == "eval":
+        argv = argv[:-2]
+    assert_one_line_error(capsys, run_cli(*argv), "is empty or only whitespace")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
