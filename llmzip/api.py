@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,9 +21,12 @@ from .models import load_lazy_pretrained, load_pretrained
 from .moe import prepare_experts
 from .quant_linear import QuantLinear
 from .sequential import peak_rss_bytes
-from .surgery import set_module, targets
+from .surgery import set_module, split_targets, targets
 
 log = logging.getLogger("llmzip")
+# Group sizes `auto_group_size` tries, best first (128 is the common default of GPTQ/AWQ
+# tools; smaller groups cost more scale bytes but divide more layer widths, e.g. 576).
+AUTO_GROUP_SIZES = (128, 64, 32)
 
 
 def versions() -> dict[str, str]:
@@ -84,6 +88,7 @@ def quantize(
     calib: CalibConfig | None = None,
     resume: bool = False,
     lazy: bool = True,
+    auto_group_size: bool = False,
 ):
     """Quantize a model (demo alias, local dir, hub id or a loaded nn.Module).
 
@@ -95,6 +100,10 @@ def quantize(
     lazy (when `model` is a name): read weights from disk layer by layer as they are
     quantized, so the full-precision model never sits in memory (llmzip.lazy); False
     loads the whole model first. Both give bit-identical checkpoints.
+    auto_group_size: ignore config.weights.group_size and use the largest of
+    AUTO_GROUP_SIZES that divides every quantized layer's input features (logged once;
+    see fit_group_size). False (the default) uses the config's group size as given, and
+    a layer it does not divide is a ConfigError.
     Returns (model, report).
     """
     t0 = time.perf_counter()
@@ -115,6 +124,8 @@ def quantize(
     experts = prepare_experts(model)  # fused MoE experts -> one Linear per expert projection
     if experts:
         log.info("mixture of experts: %d expert blocks split into per-expert Linears", len(experts))
+    if auto_group_size:
+        config = fit_group_size(model, config)
     calib_meta = None
     if config.method in CALIBRATED:
         report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,
@@ -147,6 +158,27 @@ def quantize(
     if checkpoints is not None:
         checkpoints.clear()  # the checkpoint is complete; progress is no longer needed
     return model, report
+
+
+def fit_group_size(model: nn.Module, config: QuantConfig) -> QuantConfig:
+    """`config` with the largest group size of AUTO_GROUP_SIZES that divides the input
+    features of every Linear it quantizes (the choice is logged). ConfigError when none
+    does: per-channel (group_size None) or --ignore the layer are the ways out."""
+    quantized, _ = split_targets(model, config)
+    widths = {name: model.get_submodule(name).in_features for name in quantized}
+    for i, g in enumerate(AUTO_GROUP_SIZES):
+        odd = next((n for n, w in widths.items() if w % g), None)
+        if odd is None:
+            if i:
+                first = next(n for n, w in widths.items() if w % AUTO_GROUP_SIZES[0])
+                log.info("group size %d (auto): %s does not divide every quantized layer (%s has %d input "
+                         "features); --group-size sets it", g, "/".join(map(str, AUTO_GROUP_SIZES[:i])), first,
+                         widths[first])
+            return replace(config, weights=replace(config.weights, group_size=g))
+    raise ConfigError(
+        f"no group size of {'/'.join(map(str, AUTO_GROUP_SIZES))} divides the {widths[odd]} input features of "
+        f"layer '{odd}': use --group-size -1 for per-channel scales, or --ignore the layer"
+    )
 
 
 def work_dir(output_dir: str | Path) -> Path:

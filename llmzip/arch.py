@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Smooth:
@@ -80,7 +82,7 @@ ARCHS = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError):
     pass
 
 

@@ -9,26 +9,31 @@ weights of quantized layers are never materialised.
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import ConfigError, WeightScheme
+from .errors import UserError
+from .files import check_safetensors, open_safetensors, read_json
 from .moe import prepare_experts
 from .quant_linear import QuantLinear, select_kernels
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
+log = logging.getLogger("llmzip")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete or in a format llmzip cannot load."""
 
 
@@ -77,9 +82,35 @@ def check_output_dir(out_dir: str | Path) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise CheckpointError(f"cannot create {out}: {parent} is a file")
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"cannot write to {out}: {parent} is not writable")
+    try:  # os.access says yes to root even where nothing can be created (/proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {out}: nothing can be created in {parent} ({e.strerror}); "
+                              "choose another -o") from None
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` directories that a killed save of `out` left
+    behind: only those whose PID is no longer running (never a live process's save in
+    progress). Returns what was removed."""
+    stale = []
+    for d in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = d.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            stale.append(d)
+    return stale
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metadata: dict) -> Path:
@@ -104,6 +135,8 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metada
             os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+        for d in remove_stale_temp_dirs(out):  # the output is in place: leftovers of killed saves can go
+            log.info("removed %s, left by an interrupted save", d)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if hasattr(model.config, "quantization_config"):
@@ -164,10 +197,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     if "quantization_config" not in raw:
         raise CheckpointError(f"{path} has no quantization_config; load it with transformers")
     loaded = read_scheme(raw["quantization_config"])
+    check_safetensors(path)  # a truncated file fails here, before the model is built
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
@@ -228,7 +262,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds no .safetensors files")
     state = {}
     for f in files:
-        with safe_open(f, framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for k in fh.keys():
                 state[k] = fh.get_tensor(k)
     return state
@@ -236,4 +270,4 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_metadata(path: str | Path) -> dict:
     f = Path(path) / METADATA_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_json(f) if f.is_file() else {}

@@ -26,11 +26,14 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _group_size(text: str) -> int | None:
+def _group_size(text: str) -> int | None | str:
+    """'auto' -> 'auto'; '-1' -> None (per-channel); a positive integer -> itself."""
+    if text == "auto":
+        return "auto"
     try:
         g = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'auto', got {text!r}") from None
     if g == -1:
         return None
     if g <= 0:
@@ -53,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
                    help="rtn (no data), or calibrated: gptq, awq, awq+gptq (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
-    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale; -1 = per-channel (default: 128)")
+    q.add_argument("--group-size", type=_group_size, default="auto",
+                   help="columns per scale; -1 = per-channel; auto = 128 where it divides every quantized layer's "
+                        "input features, else the largest of 64/32 that does (logged). An explicit size that "
+                        "does not divide a layer is an error (default: auto)")
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="search clipped ranges per group (default: on for gptq, where the error is the layer "
@@ -190,15 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bad_input_types():
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelError
-
-    return (ConfigError, CheckpointError, DataError, ModelError, OSError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="llmzip: %(message)s")
@@ -210,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmzip: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except _bad_input_types() as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llmzip: error: {first_line}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception:  # noqa: BLE001 - report, do not hide
+    except Exception as e:  # noqa: BLE001 - bad input gets one line, anything else its traceback
+        from .errors import user_message
+
+        message = user_message(e)
+        if message is not None:
+            print(f"llmzip: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         traceback.print_exc()
         print("llmzip: internal error (please report it with the traceback above)", file=sys.stderr)
         return EXIT_INTERNAL

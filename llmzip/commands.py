@@ -18,16 +18,18 @@ def _names(text: str | None) -> list[str]:
 
 
 def quantize(args) -> int:
-    from .api import quantize as run
+    from .api import AUTO_GROUP_SIZES, quantize as run
     from .calibration import CalibConfig
     from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme, clip_by_default
 
     clip = clip_by_default(args.method) if args.clip_search is None else args.clip_search
+    auto_group = args.group_size == "auto"
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential),
         method=args.method,
-        weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
+        weights=WeightScheme(bits=args.bits, group_size=AUTO_GROUP_SIZES[0] if auto_group else args.group_size,
+                             symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if clip else None,
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
         kv_cache=args.kv_cache,
@@ -36,7 +38,7 @@ def quantize(args) -> int:
         args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
         calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache else None,
-        resume=args.resume, lazy=not args.load_whole_model,
+        resume=args.resume, lazy=not args.load_whole_model, auto_group_size=auto_group,
     )
     from .info import format_report, size_report
 
@@ -52,11 +54,36 @@ def quantize(args) -> int:
     return EXIT_OK
 
 
-def eval_ppl(args) -> int:
-    from .data import load_text
-    from .eval.perplexity import perplexity, tokenize
+def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None, max_windows: int | None = None):
+    """(token ids, tokenizer) of an evaluation text, checked before any model is loaded:
+    a readable, non-blank text of at least one window of `ctx` tokens (DataError), and
+    window settings that make sense (ConfigError)."""
+    from .config import ConfigError
+    from .data import DataError, load_text
+    from .eval.perplexity import tokenize
+    from .models import load_tokenizer
 
-    text = load_text(args.data)  # fail on bad data before loading a model
+    if ctx < 2:
+        raise ConfigError(f"--ctx {ctx} is too small: a window of ctx tokens scores ctx - 1 of them, use at least 2")
+    if stride is not None and not 0 < stride <= ctx:
+        raise ConfigError(f"--stride {stride} must be between 1 and --ctx ({ctx})")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"--max-windows {max_windows} must be at least 1 (leave it out for the whole text)")
+    text = load_text(source)
+    if not text.strip():
+        raise DataError(f"text source '{source}' is empty or only whitespace: give a text of at least {ctx} tokens")
+    tok = load_tokenizer(model)
+    ids = tokenize(tok, text)
+    if ids.numel() < ctx:
+        raise DataError(f"text source '{source}' has {ids.numel()} tokens, fewer than one window of --ctx {ctx}: "
+                        "give a longer text or a smaller --ctx")
+    return ids, tok
+
+
+def eval_ppl(args) -> int:
+    from .eval.perplexity import perplexity
+
+    ids, tok = _eval_ids(args.model, args.data, args.ctx, args.stride, args.max_windows)  # before loading a model
     kv = None
     if args.kv_cache:
         from .config import ConfigError
@@ -66,8 +93,7 @@ def eval_ppl(args) -> int:
             kv = KVCacheConfig(args.kv_cache, residual=args.kv_residual, group=args.kv_group)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    model, tok = load_for_eval(args.model, _dtype(args.dtype))
-    ids = tokenize(tok, text)
+    model, _ = load_for_eval(args.model, _dtype(args.dtype), tokenizer=tok)
     res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows, kv_cache=kv,
                      kv_chunk=args.kv_chunk)
     print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
@@ -96,15 +122,13 @@ def eval_tasks(args) -> int:
 
 
 def eval_kld(args) -> int:
-    from .data import load_text
     from .eval.kld import kl_divergence
-    from .eval.perplexity import tokenize
 
-    text = load_text(args.data)
-    base, base_tok = load_for_eval(args.base, _dtype(args.dtype))
+    ids, base_tok = _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # before loading
+    base, _ = load_for_eval(args.base, _dtype(args.dtype), tokenizer=base_tok)
     model, tok = load_for_eval(args.model, _dtype(args.dtype))
     check_same_tokenizer(base_tok, tok, args.base, args.model)
-    res = kl_divergence(base, model, tokenize(base_tok, text), ctx=args.ctx, max_windows=args.max_windows)
+    res = kl_divergence(base, model, ids, ctx=args.ctx, max_windows=args.max_windows)
     print(f"KLD mean {res.mean_kld:.5f}  median {res.median_kld:.5f}  p99 {res.p99_kld:.4f}  "
           f"top-1 agreement {res.top1_agreement:.4f}  ppl {res.ppl:.4f} / base {res.base_ppl:.4f} "
           f"= {res.ppl_ratio:.4f}  ({res.tokens} tokens)")
@@ -122,6 +146,7 @@ def compare(args) -> int:
     except ValueError:
         raise ConfigError(f"--max-ppl-increase {args.max_ppl_increase!r}: use a percentage (2%) or fraction (0.02)")
     tasks = _names(args.tasks)
+    _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # bad text: refused before any model loads
     report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
                  Thresholds(max_ppl_increase=inc, max_kld=args.max_kld, max_acc_drop=args.max_acc_drop),
                  dtype=_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from .errors import UserError
+
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_BITS, MAX_BITS = 2, 8
@@ -17,7 +19,7 @@ MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_IGNORE = (r"(^|\.)lm_head$",)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A quantization setting is invalid; the message says which and how to fix it."""
 
 

@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 from functools import lru_cache
 from pathlib import Path
 
+from .errors import UserError
+from .files import read_text
 from .models import package_dir
 
 GENSIM = ("gensim", "gensim==4.4.0")
@@ -30,7 +32,7 @@ LEE_FILE = "lee_background.cor"
 BUILTIN = ("wiki", "lee")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A text source cannot be read; the message says why and what to do."""
 
 
@@ -110,7 +112,7 @@ def builtin_text(name: str) -> str:
     if name == "wiki":
         return "\n\n".join(f"{t}\n\n{body}" for t, body in wiki_articles())
     if name == "lee":
-        return _gensim_file(LEE_FILE).read_text(encoding="utf-8")
+        return read_text(_gensim_file(LEE_FILE))
     raise DataError(f"unknown built-in corpus '{name}': choose one of {', '.join(BUILTIN)}")
 
 
@@ -127,7 +129,7 @@ def load_text(source: str) -> str:
     if path.is_file() and path.suffix in (".jsonl", ".parquet"):
         return _records_text(path, column)
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     raise DataError(
         f"text source '{source}' not found: give a text, .jsonl or .parquet file, a built-in corpus "
         f"({', '.join(BUILTIN)}) or hub:ID[:CONFIG]:SPLIT:COLUMN"
@@ -137,7 +139,7 @@ def load_text(source: str) -> str:
 def _records(path: Path, column: str) -> list:
     """The `column` of every record of a .jsonl or .parquet file."""
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [_json_line(path, i, line) for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     else:
         try:
             import pyarrow.parquet as pq
@@ -147,6 +149,13 @@ def _records(path: Path, column: str) -> list:
     if rows and column not in rows[0]:
         raise DataError(f"column '{column}' not in {path}: it has {', '.join(rows[0])}; use {path}:COLUMN")
     return [r[column] for r in rows if r.get(column)]
+
+
+def _json_line(path: Path, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {number} is not JSON ({e.msg}): one JSON object per line") from None
 
 
 def _as_text(values: list, source: str) -> str:

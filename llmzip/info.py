@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors import safe_open
-
 from .checkpoint import CheckpointError
+from .files import open_safetensors, read_json
 
 _COMPONENT = {
     "weight_packed": "packed weights",
@@ -32,7 +30,7 @@ def size_report(path: str | Path) -> dict:
     quant_weights = 0  # elements of quantized weight matrices
     bf16_bytes = 0  # the same tensors, dense, in bf16
     for f in files:
-        with safe_open(f, framework="pt") as fh:
+        with open_safetensors(f) as fh:
             for key in fh.keys():
                 sl = fh.get_slice(key)
                 shape, dtype = sl.get_shape(), sl.get_dtype()
@@ -52,7 +50,7 @@ def size_report(path: str | Path) -> dict:
     tensor_bytes = sum(by_component.values())
     meta = {}
     if (path / "llmzip.json").is_file():
-        meta = json.loads((path / "llmzip.json").read_text())
+        meta = read_json(path / "llmzip.json")
     return {
         "path": str(path),
         "files_bytes": sum(f.stat().st_size for f in files),
@@ -76,7 +74,7 @@ def kv_cache_report(path: Path) -> dict | None:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         return None
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     cfg = cfg.get("text_config", cfg)
     layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
     if not layers or not heads or not cfg.get("hidden_size"):

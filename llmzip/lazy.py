@@ -18,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from .errors import FileFormatError
+from .files import open_safetensors
 
 
 class LazyWeights:
@@ -33,23 +35,25 @@ class LazyWeights:
             raise FileNotFoundError(f"{path} holds no .safetensors files")
         where = {}
         for f in files:
-            with safe_open(f, framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for k in fh.keys():
                     where[k] = (f, k)
         self.where = _to_model_keys(model, where)  # module name -> (file, checkpoint name)
         self.dtype = dtype
+        self.path = Path(path)
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors for module names (views of the file mappings), each file opened once."""
         missing = [n for n in names if n not in self.where]
         if missing:
-            raise KeyError(f"checkpoint has no tensor for {missing[0]}")
+            raise FileFormatError(f"{self.path} has no tensor for {missing[0]}: its weights are incomplete; "
+                                  "restore them, or re-create / re-download the model")
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.where[n][0], []).append(n)
         out = {}
         for f, group in by_file.items():
-            with safe_open(f, framework="pt") as fh:
+            with open_safetensors(f) as fh:
                 for n in group:
                     out[n] = fh.get_tensor(self.where[n][1])
         return out

@@ -10,7 +10,6 @@ a half-written cache entry.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -19,10 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+from .files import check_safetensors, read_json
+
 log = logging.getLogger("llmzip")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model cannot be used as asked; the message says why and what to do."""
 
 
@@ -127,29 +129,33 @@ def _convert_gguf(src: Path, gguf_file: str, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def load_pretrained(model: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False):
+def load_pretrained(model: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+                    tokenizer=None):
     """(model, tokenizer) for a demo alias, local dir or hub id, on CPU, in eval mode.
 
-    dtype: None keeps the checkpoint's own dtype ("auto").
+    dtype: None keeps the checkpoint's own dtype ("auto"). A `tokenizer` already loaded is
+    returned as it is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
     refuse_quantized(model, path)
+    if Path(path).is_dir():
+        check_safetensors(path)  # a truncated file: one clear error, not transformers' traceback
     m = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype if dtype is not None else "auto",
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never unpickle weights
     )
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return m.eval(), tok
 
 
 def refuse_quantized(model: str, path: str | Path) -> None:
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file():
-        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+        qc = read_json(cfg_file).get("quantization_config")
         if qc and qc.get("quant_method") == "compressed-tensors":
             raise ModelError(
                 f"'{model}' is already a quantized checkpoint; load it with llmzip.load() "
@@ -178,19 +184,32 @@ def load_lazy_pretrained(model: str, dtype, calibrated: bool, trust_remote_code:
     refuse_quantized(model, path)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"'{model}' has no .safetensors weights; llmzip never unpickles .bin checkpoints")
+    check_safetensors(path)
     return load_lazy(path, dtype, (lambda m: arch_of(m).layers) if calibrated else None, trust_remote_code)
 
 
-def load_for_eval(model: str, dtype=None):
-    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id."""
+def is_checkpoint(model: str) -> bool:
+    """Whether `model` is a local llmzip (compressed-tensors) checkpoint directory."""
+    cfg = Path(model).expanduser() / "config.json"
+    return cfg.is_file() and "quantization_config" in read_json(cfg)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of an llmzip checkpoint, demo alias, local dir or hub id, without the
+    model: enough to check evaluation data before the (slow) model load."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(Path(model).expanduser() if is_checkpoint(model) else resolve(model))
+
+
+def load_for_eval(model: str, dtype=None, tokenizer=None):
+    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id;
+    a `tokenizer` already loaded (load_tokenizer) is returned as it is."""
     from .checkpoint import load
 
-    cfg = Path(model).expanduser() / "config.json"
-    if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return load(Path(model), dtype=dtype), AutoTokenizer.from_pretrained(Path(model))
-    return load_pretrained(model, dtype=dtype)
+    if is_checkpoint(model):
+        return load(Path(model).expanduser(), dtype=dtype), tokenizer or load_tokenizer(model)
+    return load_pretrained(model, dtype=dtype, tokenizer=tokenizer)
 
 
 def check_same_tokenizer(a, b, name_a: str, name_b: str) -> None:

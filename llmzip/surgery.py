@@ -23,11 +23,9 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
-    """Split the model's nn.Linear layers into (quantized, ignored) names, and check
-    every quantized one against the weight scheme (raises ConfigError naming the layer).
-    Besides config.ignore, an architecture's own never-quantized Linears (llmzip.arch)
-    are ignored."""
+def split_targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
+    """The model's nn.Linear layers as (quantized, ignored) names, unchecked. Besides
+    config.ignore, an architecture's own never-quantized Linears (llmzip.arch) are ignored."""
     from .arch import find_arch
 
     arch = find_arch(getattr(getattr(model, "config", None), "model_type", None))
@@ -36,8 +34,16 @@ def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]
     for name in linear_names(model):
         if config.is_ignored(name) or any(re.search(p, name) for p in always):
             ignored.append(name)
-            continue
+        else:
+            quantized.append(name)
+    return quantized, ignored
+
+
+def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]]:
+    """split_targets, and check every quantized layer against the weight scheme (raises
+    ConfigError naming the layer)."""
+    quantized, ignored = split_targets(model, config)
+    for name in quantized:
         m = model.get_submodule(name)
         config.weights.check_layer(name, m.out_features, m.in_features)
-        quantized.append(name)
     return quantized, ignored
