@@ -191,6 +191,13 @@ class Engine:
             self._aborts.add(seq_id)
             self._lock.notify()
 
+    def abort_all(self) -> None:
+        """Cancel every queued and running request (each gets a final "abort" event)."""
+        with self._lock:
+            seqs = itertools.chain(self._incoming, self.waiting, self.prefilling, self.decoding)
+            self._aborts.update(s.id for s in seqs)
+            self._lock.notify()
+
     def start(self) -> None:
         """Run the loop in a new thread, unless `run_loop` runs it in the caller's thread."""
         self._stop = False

@@ -169,3 +169,85 @@ def test_every_path_but_health_needs_the_key(served, path):
     assert code == 401 and err["error"]["code"] == "invalid_api_key"
     assert raw(srv.port, "GET", path, key=KEY)[0] == 200
     assert raw(srv.port, "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_with_exit_2(tmp_path, capsys):
+    from serve_helpers import tiny_checkpoint
+
+    from llmzip.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code = main(["serve", str(ckpt), "--port", str(s.getsockname()[1])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "in use" in err[0] and "--port" in err[0]
+
+
+def test_shutdown_ends_every_open_stream_with_abort_and_done(tmp_path, monkeypatch):
+    """`llmzip serve` as users run it (the engine loop in this, the main thread): SIGTERM while
+    two streams of 2000 tokens run. When the grace period is nearly over (shortened here),
+    both streams get a final chunk with finish_reason "abort" and [DONE], and serve exits 0."""
+    import os
+    import signal
+    import threading
+
+    from serve_helpers import free_port, tiny_checkpoint
+
+    from llmzip.cli import main
+    from llmzip.serve import server
+
+    monkeypatch.setattr(server, "GRACEFUL_SHUTDOWN_S", 2.0)
+    monkeypatch.setattr(server, "ABORT_BEFORE_S", 1.0, raising=False)
+    monkeypatch.delenv("LLMZIP_API_KEY", raising=False)
+    ckpt, port = tiny_checkpoint(tmp_path / "tiny"), free_port()
+    streams, errors = [[], []], []
+
+    def client():
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if raw(port, "GET", "/health", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            threads = [threading.Thread(target=stream, args=(lines, i == 0)) for i, lines in enumerate(streams)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        except Exception as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+        finally:
+            if not all(streams):
+                os.kill(os.getpid(), signal.SIGTERM)  # never leave serve running
+
+    def stream(lines, signals):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "tiny", "prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        for line in conn.getresponse():
+            if line.strip():
+                lines.append(line.decode().strip())
+                if signals and len(lines) == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    code = main(["serve", str(ckpt), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2"])
+    t.join(30)
+    assert not errors and code == 0
+    for lines in streams:
+        assert lines[-1] == "data: [DONE]"
+        finish = [c["finish_reason"] for x in lines[:-1] for c in json.loads(x[6:])["choices"] if c["finish_reason"]]
+        assert finish == ["abort"]
+
+
+def test_serve_help_names_the_api_key_variable(capsys):
+    from llmzip.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "$LLMZIP_API_KEY" in capsys.readouterr().out.replace("\n", " ")
