@@ -177,6 +177,7 @@ def test_serve_on_a_port_in_use_is_a_one_line_error_with_exit_2(tmp_path, capsys
     from llmzip.cli import main
 
     ckpt = tiny_checkpoint(tmp_path / "tiny")
+    capsys.readouterr()  # saving it may print progress
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
