@@ -27,7 +27,8 @@ def sampling_problem(req, vocab_size: int) -> tuple[str, str] | None:
     if req.top_k > vocab_size:
         return (f"top_k {req.top_k} exceeds the vocabulary size {vocab_size}: use a value up to {vocab_size}, "
                 "or 0 or -1 to turn it off", "top_k")
-    top = getattr(req, "top_logprobs", None) if getattr(req, "logprobs", None) is True else getattr(req, "logprobs", None)
+    asked = getattr(req, "logprobs", None)
+    top = getattr(req, "top_logprobs", None) if asked is True else asked  # chat: a flag and a count
     if isinstance(top, int) and not isinstance(top, bool) and top > vocab_size:
         return f"{top} top logprobs exceed the vocabulary size {vocab_size}", "logprobs"
     return None

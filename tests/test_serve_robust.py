@@ -19,6 +19,7 @@ from llmzip.serve.app import create_app  # noqa: E402
 KEY = "k-123"
 NAME = "tiny"
 CONTEXT = 2048
+CHUNK = 512  # prompt tokens prefilled per engine step
 MAX_QUEUE = 64
 BODY_LIMIT = 1 << 20  # create_app's default max_request_bytes
 CHUNKED_BODY = 8 << 20  # an 8 MiB upload without Content-Length
@@ -50,6 +51,15 @@ def test_long_prompts_are_answered(served, n):
     code, body = post(srv, {"model": NAME, "prompt": [28] * n, "max_tokens": 4, "ignore_eos": True})
     assert code == 200, body
     assert body["usage"] == {"prompt_tokens": n, "completion_tokens": 4, "total_tokens": n + 4}
+
+
+def test_a_long_chat_prompt_is_answered(served):
+    srv, _ = served
+    msgs = [{"role": "user", "content": "a long question " * 50}]  # 800 bytes: as many tokens here
+    code, body = post(srv, {"model": NAME, "messages": msgs, "max_tokens": 3, "ignore_eos": True},
+                      "/v1/chat/completions")
+    assert code == 200, body
+    assert body["usage"]["prompt_tokens"] > CHUNK and body["usage"]["completion_tokens"] == 3
 
 
 CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
