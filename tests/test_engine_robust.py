@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from llmzip.serve import engine as engine_mod
+from llmzip.serve import sampling
 from llmzip.serve.engine import Engine, EngineConfig
 from llmzip.serve.sampling import SamplingParams
 
@@ -75,14 +75,14 @@ def test_long_prompts_alone_and_beside_decoding_requests_equal_generate(model, n
 def test_a_failure_sampling_one_sequence_ends_only_that_sequence(model, monkeypatch):
     """A row whose sampling raises (injected: top_k 7 marks it) ends with "error"; the rows
     sampled beside it in the same steps finish with their greedy tokens."""
-    real = engine_mod.sample_each.__globals__["sample"]
+    real = sampling.sample
 
     def poisoned(logits, params, history, generators):
         if any(p.top_k == 7 for p in params):
             raise ValueError("injected")
         return real(logits, params, history, generators)
 
-    monkeypatch.setitem(engine_mod.sample_each.__globals__, "sample", poisoned)
+    monkeypatch.setattr(sampling, "sample", poisoned)  # what sampling.sample_each calls
     eng = Engine(model, Tok(), EngineConfig(max_num_seqs=4, max_model_len=128))
     ps = [prompt(7, 3), prompt(12, 4), prompt(4, 5)]
     runs = [[] for _ in ps]

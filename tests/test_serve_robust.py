@@ -101,6 +101,49 @@ def test_string_top_k_in_chat_is_read_as_a_number(served):
     assert code == 200, body
 
 
+def test_one_requests_sampling_failure_fails_only_that_request(served, monkeypatch):
+    """A sampling failure injected for one request (top_k 7 marks it) while three greedy
+    streams run: that request gets a 500, each stream its full reference text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmzip.serve import sampling
+
+    srv, _ = served
+    body = {"model": NAME, "prompt": "a healthy stream", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    want = post(srv, body)[1]["choices"][0]["text"]
+    real = sampling.sample
+
+    def poisoned(logits, params, history, generators):
+        if any(p.top_k == 7 for p in params):
+            raise ValueError("injected")
+        return real(logits, params, history, generators)
+
+    monkeypatch.setattr(sampling, "sample", poisoned)
+    monkeypatch.setattr("llmzip.serve.engine.sample", poisoned, raising=False)  # where it was imported before
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream_text, srv.port, body) for _ in range(3)]
+        time.sleep(0.05)
+        code, err = post(srv, {**body, "temperature": 1.0, "top_k": 7})
+        texts = [f.result() for f in streams]
+    assert code == 500 and err["error"]["type"] == "server_error"
+    assert texts == [(want, ["length"])] * 3
+
+
+def stream_text(port, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    text, finish = "", []
+    for line in conn.getresponse():
+        line = line.decode().strip()
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:]).get("choices", []):
+                text += c["text"]
+                finish += [c["finish_reason"]] if c["finish_reason"] else []
+    conn.close()
+    return text, finish
+
+
 @pytest.mark.parametrize("data, content_type, status", [
     (json.dumps(CMPL).replace('"hi"', '"\\ud800"').encode(), "application/json", 400),  # escaped surrogate
     (b'{"model": "tiny", "prompt": "a\xed\xa0\x80b"}', "application/json", 400),  # raw CESU-8 surrogate bytes
