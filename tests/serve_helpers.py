@@ -32,9 +32,12 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_model(tok, context: int = 2048):
-    """A tiny random Llama whose vocabulary is exactly the tokenizer's, EOS included."""
-    m = tiny_llama(dtype=torch.float32, vocab_size=len(tok), max_position_embeddings=context)
+def tiny_model(tok, context: int = 2048, dtype=torch.float64):
+    """A tiny random Llama whose vocabulary is exactly the tokenizer's, EOS included. float64 by
+    default: a random model's top logits lie within 1e-3 of each other, and in fp32 a row's
+    rounding can depend on what else is in its batch, which could flip a greedy token that
+    tests compare with the same request run alone."""
+    m = tiny_llama(dtype=dtype, vocab_size=len(tok), max_position_embeddings=context)
     m.config.eos_token_id = m.generation_config.eos_token_id = tok.eos_token_id
     return m
 
@@ -42,7 +45,7 @@ def tiny_model(tok, context: int = 2048):
 def tiny_checkpoint(path, context: int = 2048):
     """A model directory `llmzip serve` loads: the tiny model and tokenizer saved to `path`."""
     tok = tiny_tokenizer()
-    tiny_model(tok, context).save_pretrained(path)
+    tiny_model(tok, context, torch.float32).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
