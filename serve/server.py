@@ -24,7 +24,7 @@ def require_serve_deps() -> None:
 
 SWITCH_INTERVAL = 2e-4  # seconds; see serve()
 GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C, running requests get this long to finish
-ABORT_BEFORE_S = 1.0  # ... then, this long before that ends, the rest are aborted so that streams end cleanly
+CLOSE_STREAMS_S = 5.0  # ... then the rest are aborted, and get this long to send their final chunk and [DONE]
 
 
 def check_port(host: str, port: int) -> None:
@@ -102,7 +102,7 @@ def serve(args) -> int:
     # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
     # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S))
     failed = []
 
     def http():
@@ -118,8 +118,8 @@ def serve(args) -> int:
 
     def on_signal(sig, frame):
         server.handle_exit(sig, frame)
-        if not timers:  # the first signal: abort what is still running shortly before uvicorn cuts it off
-            timers.append(threading.Timer(max(GRACEFUL_SHUTDOWN_S - ABORT_BEFORE_S, 0.0), engine.abort_all))
+        if not timers:  # the first signal: abort what still runs after the grace period, before uvicorn cuts it off
+            timers.append(threading.Timer(GRACEFUL_SHUTDOWN_S, engine.abort_all))
             timers[0].daemon = True
             timers[0].start()
 
@@ -136,7 +136,7 @@ def serve(args) -> int:
         engine.run_loop()
     finally:
         server.should_exit = True
-        thread.join(timeout=GRACEFUL_SHUTDOWN_S + 10)
+        thread.join(timeout=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S + 10)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for t in timers:
