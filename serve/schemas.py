@@ -17,11 +17,15 @@ MAX_TOKENS_LIMIT = 1 << 20
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send extra fields (user, metadata, ...)
+    # Extra fields are allowed (clients send user, metadata, ...); known ones are strict, as in
+    # OpenAI's API: "top_k": "5" or "stream": "yes" is a 400, not a guess (an int stands for a float).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -75,7 +79,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None

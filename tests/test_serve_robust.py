@@ -95,10 +95,14 @@ def test_out_of_range_values_and_lone_surrogates_get_400(served, body, param):
     assert err["error"]["param"] == param and err["error"]["message"]
 
 
-def test_string_top_k_in_chat_is_read_as_a_number(served):
+@pytest.mark.parametrize("field, value", [("top_k", "5"), ("max_tokens", "2"), ("stream", "yes"), ("n", 1.0),
+                                          ("temperature", "0.5"), ("ignore_eos", 1)])
+def test_values_of_the_wrong_json_type_get_400_as_in_openais_api(served, field, value):
     srv, _ = served
-    code, body = post(srv, {**CHAT, "top_k": "5", "seed": 1}, "/v1/chat/completions")
-    assert code == 200, body
+    code, err = post(srv, {**CHAT, field: value}, "/v1/chat/completions")
+    assert code == 400 and err["error"]["param"] == field
+    code, _ = post(srv, {**CHAT, "temperature": 1, "top_p": 1}, "/v1/chat/completions")  # ints stand for floats
+    assert code == 200
 
 
 def test_one_requests_sampling_failure_fails_only_that_request(served, monkeypatch):
