@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     s.add_argument("--api-key", default=os.environ.get("LLMZIP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLMZIP_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+                        "$LLMZIP_API_KEY, else none; set the variable instead of this option to keep the key "
+                        "out of the process list)")
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch (default: 16)")
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence (default: 2048)")

@@ -3,7 +3,8 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
 GET /metrics (Prometheus text). Errors use OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status.
-With an API key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time).
+With an API key, every path but /health needs `Authorization: Bearer KEY` (compared in
+constant time); bodies are UTF-8 JSON of at most `max_request_bytes` (serve/body.py).
 A client that disconnects, or a request past its timeout, is cancelled and its KV pages
 are freed at the engine's next step.
 """
@@ -11,7 +12,6 @@ are freed at the engine's next step.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -22,9 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .body import Guard, error_response
 from .engine import Engine, EngineFull, PromptTooLong
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .validation import batch_problem, lone_surrogate, sampling_problem
 
 
 class APIError(Exception):
@@ -33,14 +35,14 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None):
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+_error = error_response
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_request_bytes: int = 1 << 20,
                request_timeout: float = 600.0) -> FastAPI:
     tok = engine.tokenizer
+    mc = engine.model.config
+    vocab_size = (mc.get_text_config() if hasattr(mc, "get_text_config") else mc).vocab_size
     metrics = Metrics(engine)
     engine.deliver = _deliver
 
@@ -55,17 +57,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     app = FastAPI(title="llmzip", lifespan=lifespan)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_request_bytes):
-            return _error(413, f"request body larger than {max_request_bytes} bytes")
-        if api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            scheme, _, token = got.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-                return _error(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -104,6 +96,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         why = req.unsupported()
         if why:
             raise APIError(400, why)
+        where = lone_surrogate(req.model_dump())
+        if where:
+            raise APIError(400, f"{where}: text holds a lone UTF-16 surrogate; send valid Unicode", param=where)
+        bad = sampling_problem(req, vocab_size)
+        if bad:
+            raise APIError(400, bad[0], param=bad[1])
 
     def prompt_ids(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -134,6 +132,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     def run(request: Request, jobs: list):
         """Submit (ids, SamplingParams) jobs now (errors become HTTP errors before any
         response starts); returns an async iterator of (choice index, Event)."""
+        why = batch_problem(len(jobs), engine.config.max_queue)
+        if why:
+            raise APIError(400, why, param="n")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         ids = []

@@ -37,9 +37,10 @@ import torch
 
 from llmzip.kv_cache import cache_kwarg
 
+from .detokenize import incremental_text
 from .kv_pool import KIVI, KVPool, RowSpans, StepCache, paged_step, register_paged_attention
 from .lean import Group, lean_model
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_each
 
 log = logging.getLogger("llmzip.serve")
 
@@ -75,7 +76,7 @@ class Sequence:
     slot: int = -1  # KIVI pools: the residual slot holding this sequence's open page
     pos: int = 0  # tokens already in the KV pool
     sent: int = 0  # characters of text already emitted
-    text: str = ""  # out[:read_offset] decoded (see Engine._text)
+    text: str = ""  # out[:read_offset] decoded (see serve/detokenize.py)
     prefix_offset: int = 0
     read_offset: int = 0
     finished: bool = False
@@ -188,6 +189,13 @@ class Engine:
     def abort(self, seq_id: int) -> None:
         with self._lock:
             self._aborts.add(seq_id)
+            self._lock.notify()
+
+    def abort_all(self) -> None:
+        """Cancel every queued and running request (each gets a final "abort" event)."""
+        with self._lock:
+            seqs = itertools.chain(self._incoming, self.waiting, self.prefilling, self.decoding)
+            self._aborts.update(s.id for s in seqs)
             self._lock.notify()
 
     def start(self) -> None:
@@ -365,7 +373,7 @@ class Engine:
             start += len(seqs) * q
         dev = self.device
         logits = self.lean(torch.cat(ids).to(dev), torch.cat(positions).to(dev), groups,
-                           torch.tensor(last, device=dev))
+                           torch.tensor(last, dtype=torch.long, device=dev))  # empty: a partial prompt chunk only
         for g, (seqs, _) in zip(groups, specs):
             for seq in seqs:
                 seq.pos += g.q
@@ -375,7 +383,8 @@ class Engine:
             if seq in self.prefilling:
                 self.prefilling.remove(seq)
                 self.decoding.append(seq)
-        self._sampled(logits, sampled)
+        if sampled:
+            self._sampled(logits, sampled)
 
     def _prefill(self, seq: Sequence) -> None:
         chunk = seq.prompt[seq.pos:seq.pos + self.config.prefill_chunk]
@@ -400,9 +409,12 @@ class Engine:
         self._sampled(logits, seqs)
 
     def _sampled(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        res = sample(logits, [s.params for s in seqs], [s.out for s in seqs], [s.generator for s in seqs])
+        res = sample_each(logits, [s.params for s in seqs], [s.out for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         for seq, tok, lp in zip(seqs, res.tokens, res.logprobs):
+            if tok is None:  # sampling this row failed (logged): only its sequence ends
+                self._finish(seq, "error")
+                continue
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.ttft.append(now - seq.arrived)
@@ -410,7 +422,11 @@ class Engine:
             self.stats["generation_tokens"] += 1
             if lp is not None:
                 seq.pending_lp.append(lp)
-            self._advance(seq, tok)
+            try:
+                self._advance(seq, tok)
+            except Exception:  # e.g. detokenizing its text: only this sequence ends
+                log.exception("sequence %d failed; ending it", seq.id)
+                self._finish(seq, "error")
 
     def _advance(self, seq: Sequence, tok: int) -> None:
         """Emit the text the new token settles, and finish the sequence when it is done."""
@@ -430,25 +446,7 @@ class Engine:
         self._emit(seq, delta)  # one event per token, text or not, so token counts and logprobs stream
 
     def _text(self, seq: Sequence, ids: list[int] | None = None) -> str:
-        """The text of `ids` (default: seq.out, or a prefix of it), decoded incrementally: a
-        call decodes only the tokens from the previous character boundary on, next to the
-        tokens before it (the window's first token decodes alike in both, so a leading space
-        a tokenizer strips from a decode's first token is kept). Decoding the whole output
-        for every token would cost each step time that grows with the outputs' lengths."""
-        ids = seq.out if ids is None else ids
-        decode = self.tokenizer.decode
-        prefix = decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True) \
-            if seq.read_offset > seq.prefix_offset else ""
-        window = decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-        if not window.startswith(prefix):  # a tokenizer whose decode is not local: start over
-            seq.text, seq.prefix_offset, seq.read_offset = "", 0, 0
-            prefix, window = "", decode(ids, skip_special_tokens=True)
-        new = window[len(prefix):]
-        if new.endswith("\ufffd"):  # an incomplete character: decode these tokens again next time
-            return seq.text + new
-        seq.text += new
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        return seq.text
+        return incremental_text(self.tokenizer, seq, ids)  # serve/detokenize.py
 
     def _emit(self, seq: Sequence, text: str, finish: str | None = None) -> None:
         lps, seq.pending_lp = seq.pending_lp, []
@@ -463,9 +461,9 @@ class Engine:
         """reason: stop | length (done), abort (cancelled by the client), error (the step failed)."""
         if seq.finished:
             return
-        seq.finished = True
-        if text is None:
+        if text is None:  # before `finished`: when decoding fails, the caller ends it with "error"
             text = self._text(seq, text_ids) if reason in ("stop", "length") else ""
+        seq.finished = True
         for group in (self.prefilling, self.decoding):
             if seq in group:
                 group.remove(seq)

@@ -207,7 +207,8 @@ class LeanModel:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, groups: list[Group],
                  last: torch.Tensor) -> torch.Tensor:
         """ids, positions: [tokens], the groups' tokens one after another. Returns the logits
-        [len(last), vocab] of the tokens at indices `last`."""
+        [len(last), vocab] of the tokens at indices `last` (none when a pass only prefills
+        part of a prompt: then no token is sampled)."""
         h = self.embed(ids)
         cos, sin = self.rotary(h[None], positions[None])  # [1, tokens, D]
         cos, sin = cos[0, :, None], sin[0, :, None]  # broadcast over heads in [tokens, heads, D]
@@ -215,4 +216,6 @@ class LeanModel:
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see _Layer: RoPE with roll
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, groups, i)
+        if last.numel() == 0:
+            return h.new_empty(0, self.lm_head.out_features)
         return self.lm_head(_norm(h.index_select(0, last), self.norm))

@@ -9,9 +9,12 @@ Temperature 0 is greedy: the argmax of the fp32 logits, like `model.generate`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("llmzip.serve")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,28 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], history: list[lis
             v, t = raw_lp[i].topk(p.logprobs)
             top = list(zip(t.tolist(), v.tolist()))
         lps.append((raw_lp[i, tokens[i]].item(), top))
+    return Sampled(tokens, lps)
+
+
+def sample_each(logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]],
+                generators: list[torch.Generator]) -> Sampled:
+    """`sample`, and when that fails, each row alone: a row that fails again gets token None
+    (the engine ends only its sequence), the others their tokens (one row's bad parameters
+    must not fail the whole batch)."""
+    try:
+        return sample(logits, params, history, generators)
+    except Exception:
+        log.exception("sampling a batch of %d rows failed; sampling each row alone", len(params))
+    tokens, lps = [], []
+    for i in range(len(params)):
+        try:
+            one = sample(logits[i:i + 1], params[i:i + 1], history[i:i + 1], generators[i:i + 1])
+            tokens.append(one.tokens[0])
+            lps.append(one.logprobs[0])
+        except Exception:
+            log.exception("sampling row %d failed", i)
+            tokens.append(None)
+            lps.append(None)
     return Sampled(tokens, lps)
 
 

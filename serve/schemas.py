@@ -17,11 +17,15 @@ MAX_TOKENS_LIMIT = 1 << 20
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send extra fields (user, metadata, ...)
+    # Extra fields are allowed (clients send user, metadata, ...); known ones are strict, as in
+    # OpenAI's API: "top_k": "5" or "stream": "yes" is a 400, not a guess (an int stands for a float).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -29,7 +33,7 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -50,7 +54,7 @@ class _Common(BaseModel):
         return tuple(s)
 
     def sampling(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else (self.seed + choice) % (1 << 64)  # as manual_seed maps negatives
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), seed=seed, stop=self.stops(),
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -75,7 +79,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None

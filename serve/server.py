@@ -24,6 +24,26 @@ def require_serve_deps() -> None:
 
 SWITCH_INTERVAL = 2e-4  # seconds; see serve()
 GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C, running requests get this long to finish
+CLOSE_STREAMS_S = 5.0  # ... then the rest are aborted, and get this long to send their final chunk and [DONE]
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise OSError (one line, with the fix) when `host:port` cannot be listened on, e.g. in use,
+    before the model is loaded: uvicorn reports it only from its own thread, too late."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; stop the process using it or "
+                          "choose another --port") from None
 
 
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
@@ -68,6 +88,7 @@ def serve(args) -> int:
 
     from .app import create_app
 
+    check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     engine = build_engine(args.model_dir, args.max_num_seqs, args.max_model_len, args.kv_cache_dtype,
@@ -81,21 +102,33 @@ def serve(args) -> int:
     # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
     # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S))
     failed = []
 
     def http():
         try:
             server.run()
             failed.append(not server.started)
+        except SystemExit:  # uvicorn exits so when it cannot bind
+            failed.append(True)
         finally:
             engine.shutdown()  # ends run_loop below (also when the port could not be bound)
 
+    timers = []
+
+    def on_signal(sig, frame):
+        server.handle_exit(sig, frame)
+        if not timers:  # the first signal: abort what still runs after the grace period, before uvicorn cuts it off
+            timers.append(threading.Timer(GRACEFUL_SHUTDOWN_S, engine.abort_all))
+            timers[0].daemon = True
+            timers[0].start()
+
     # uvicorn installs its signal handlers only in the main thread, which runs the engine here:
     # install them for it. Ctrl-C or SIGTERM stops accepting requests and lets running ones
-    # finish (up to GRACEFUL_SHUTDOWN_S); a second Ctrl-C stops at once. Either way the HTTP
-    # thread ends, shuts the engine down, and run_loop returns.
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # finish (up to GRACEFUL_SHUTDOWN_S); those still running then are aborted, so that each
+    # stream ends with a finish_reason "abort" chunk and [DONE]. A second Ctrl-C stops at once.
+    # Either way the HTTP thread ends, shuts the engine down, and run_loop returns.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     engine.external_loop = True
     thread = threading.Thread(target=http, name="llmzip-http", daemon=True)
     thread.start()
@@ -103,10 +136,14 @@ def serve(args) -> int:
         engine.run_loop()
     finally:
         server.should_exit = True
-        thread.join(timeout=GRACEFUL_SHUTDOWN_S + 10)
+        thread.join(timeout=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S + 10)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 1 if any(failed) else 0
+        for t in timers:
+            t.cancel()
+    if any(failed):
+        raise OSError(f"the HTTP server could not start on {args.host}:{args.port} (see its message above)")
+    return 0
 
 
 def vllm_command(args) -> list[str]:

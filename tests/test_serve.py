@@ -99,13 +99,13 @@ def test_models_health_and_metrics(served, client):
     srv, engine = served
     assert [m.id for m in client.models.list().data] == [NAME]
     assert raw(srv.port, "GET", "/health", key=None) == (200, {"status": "ok"})
-    status, text = raw(srv.port, "GET", "/metrics", key=None)
+    status, text = raw(srv.port, "GET", "/metrics")
     assert status == 200 and "llmzip_running_seqs" in text and "llmzip_time_to_first_token_seconds_bucket" in text
     bpt = [line for line in text.splitlines() if line.startswith("llmzip_kv_cache_bytes_per_token")][0]
     assert float(bpt.split()[-1]) == 30 * 2 * 3 * 64 * 4  # fp32 K and V, 30 layers x 3 heads x 64
     steps = engine.stats["steps"]
     client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
-    _, text = raw(srv.port, "GET", "/metrics", key=None)
+    _, text = raw(srv.port, "GET", "/metrics")
     value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("llmzip_engine")}
     assert value["llmzip_engine_steps_total"] == engine.stats["steps"] == steps + 3  # 1 pass: prompt + token 1; 2 decodes
     assert 0 < value["llmzip_engine_step_seconds_total"] == engine.stats["step_seconds"]
@@ -218,7 +218,7 @@ def test_disconnects_free_their_slots(served):
     load = engine.load()
     assert load["running"] == 0 and load["waiting"] == 0 and load["kv_pages_used"] == 0
     assert engine.stats["aborted"] - aborted == 100  # every one cancelled, none ran to its 200 tokens
-    _, text = raw(srv.port, "GET", "/metrics", key=None)
+    _, text = raw(srv.port, "GET", "/metrics")
     assert "llmzip_kv_pages_used 0.0" in text
 
 
