@@ -181,15 +181,19 @@ def load_lazy_pretrained(model: str, dtype, calibrated: bool, trust_remote_code:
     return load_lazy(path, dtype, (lambda m: arch_of(m).layers) if calibrated else None, trust_remote_code)
 
 
-def load_for_eval(model: str, dtype=None):
-    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id."""
+def load_for_eval(model: str, dtype=None, activations: str = "fp16"):
+    """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id.
+    activations "fp8" (W4A8) applies to an llmzip checkpoint's quantized layers only."""
     from transformers import AutoTokenizer
 
     from .checkpoint import load
 
     cfg = Path(model).expanduser() / "config.json"
     if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        return load(Path(model), dtype=dtype), AutoTokenizer.from_pretrained(Path(model))
+        return load(Path(model), dtype=dtype, activations=activations), AutoTokenizer.from_pretrained(Path(model))
+    if activations != "fp16":
+        raise ModelError(f"--activations {activations} applies to quantized layers: '{model}' is not an llmzip "
+                         "checkpoint (quantize it first: llmzip quantize)")
     return load_pretrained(model, dtype=dtype)
 
 

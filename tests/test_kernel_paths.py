@@ -189,3 +189,29 @@ def test_load_with_fp8_activations(tmp_path):
     assert {m.activations for m in layers} == {"fp8"} and {m.kernel_name for m in layers} == {"reference"}
     with pytest.raises(CheckpointError, match="activations must be one of"):
         llmzip.load(tmp_path / "q", activations="int8")
+
+
+def test_fp8_activations_refuse_an_unquantized_model(tmp_path):
+    from llmzip.models import ModelError, load_for_eval
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ModelError, match="applies to quantized layers"):
+        load_for_eval(str(tmp_path / "dense"), activations="fp8")
+
+
+FP8_PPL_INCREASE = 0.02  # 2 windows of 512 tokens: looser than the 8 x 2048 bound of +1% (bench)
+
+
+@pytest.mark.slow
+def test_eval_ppl_cli_with_fp8_activations(smollm2_dir, tmp_path):
+    from test_cli import last_json, run
+
+    out = tmp_path / "w4"
+    assert run("quantize", "smollm2-135m", "--bits", "4", "--group-size", "64", "-o", str(out)).returncode == 0
+    res = {}
+    for act in ("fp16", "fp8"):
+        e = run("eval", "ppl", str(out), "--ctx", "512", "--max-windows", "2", "--activations", act, "--json")
+        assert e.returncode == 0, e.stderr
+        res[act] = last_json(e.stdout)
+    assert res["fp8"]["activations"] == "fp8"
+    assert 0 < abs(res["fp8"]["ppl"] / res["fp16"]["ppl"] - 1) < FP8_PPL_INCREASE
