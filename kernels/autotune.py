@@ -45,17 +45,15 @@ def candidates(M: int, K: int, r: Repacked, activations: str = "fp16") -> list[C
             out += [Config(1, bn, bk, sk, 4, 2, red) for bn in (128, 256) for bk in (64, 128) for sk in (4, 8, 16)
                     for red in ("sum", "atomic") if K // sk >= bk and tile_scale(r, bk)]
     elif M <= 128:
-        out = [Config(bm, bn, bk, 1, w, st) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128)
-               for w, st in ((4, 3), (8, 4))]
-        out += [Config(bm, bn, bk, sk, 4, 3, "atomic") for bm in (32, 64) for bn in (64, 128) for bk in (64, 128)
-                for sk in (2, 4) if K // sk >= bk]
+        out = [Config(bm, bn, bk, 1, 4, 3) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128)]
+        out += [Config(bm, 128, 128, sk, 4, 3, "atomic") for bm in (32, 64) for sk in (2, 4) if K // sk >= 128]
     else:
-        out = [Config(bm, bn, bk, 1, w, st) for bm in (64, 128) for bn in (128, 256) for bk in (64, 128)
-               for w, st in ((4, 3), (8, 3))]
+        out = [Config(64, 128, 64, 1, 4, 3), Config(128, 128, 64, 1, 8, 3), Config(128, 256, 64, 1, 8, 3),
+               Config(128, 128, 128, 1, 8, 3)]
     if M >= 128:
         if fp8:
             out += [Config(bm, bn, 128, 1, w, st, path="dequant") for bm in (64, 128) for bn in (128, 256)
-                    for w, st in ((4, 3), (8, 3), (8, 4))]
+                    for w, st in ((4, 3), (8, 3))]
         else:
             out.append(Config(64, 128, 128, path="dequant"))
     if fp8:

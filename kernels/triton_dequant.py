@@ -23,7 +23,7 @@ if triton is not None:
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K,
                         stride_wk, stride_wn, stride_sg, stride_sn, stride_ok, stride_on,
                         GROUP: tl.constexpr, SLOT: tl.constexpr, ZERO_CONST: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, CODES: tl.constexpr,
+                        HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, CODES: tl.constexpr, OUT_F32: tl.constexpr,
                         EMULATE_BF16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """CODES: write u - zero (as e4m3, or fp32 under the interpreter); else (u - zero) * scale."""
         k0 = tl.program_id(0) * BLOCK_K
@@ -43,7 +43,7 @@ if triton is not None:
             c = u.to(tl.float32) - ZERO_CONST
         dst = out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
         if CODES:
-            if out_ptr.dtype.element_ty == tl.float32:
+            if OUT_F32:
                 tl.store(dst, c, mask=ok)
             else:
                 tl.store(dst, c.to(tl.float16).to(out_ptr.dtype.element_ty), mask=ok)
@@ -78,7 +78,7 @@ def dequantize(r: Repacked, dtype: torch.dtype, codes: bool = False, out: torch.
         r.qweight, r.scales, zeros, gidx, out, N, K, r.qweight.stride(0), r.qweight.stride(1),
         r.scales.stride(0), r.scales.stride(1), out.stride(0), out.stride(1),
         GROUP=r.group_size, SLOT=slot_bits(r.bits), ZERO_CONST=1 << (r.bits - 1), HAS_ZERO=r.zeros is not None,
-        HAS_GIDX=r.g_idx is not None, CODES=codes,
+        HAS_GIDX=r.g_idx is not None, CODES=codes, OUT_F32=dtype == torch.float32,
         EMULATE_BF16=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
     return out

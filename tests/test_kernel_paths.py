@@ -215,3 +215,17 @@ def test_eval_ppl_cli_with_fp8_activations(smollm2_dir, tmp_path):
         res[act] = last_json(e.stdout)
     assert res["fp8"]["activations"] == "fp8"
     assert 0 < abs(res["fp8"]["ppl"] / res["fp16"]["ppl"] - 1) < FP8_PPL_INCREASE
+
+
+def test_autotune_searches_every_path_of_its_m_bucket():
+    from llmzip.kernels import autotune
+
+    r = triton_qmm.repack(layer(k=1024, n=256, group=128))
+    kinds = {M: {(c.block_m == 1, c.reduce, c.path) for c in autotune.candidates(M, 1024, r)} for M in (1, 16, 64, 256)}
+    assert kinds[1] == {(True, "sum", "fused"), (True, "atomic", "fused"), (False, "sum", "fused"),
+                        (False, "atomic", "fused")}
+    assert (False, "atomic", "fused") in kinds[64] and (True, "sum", "fused") not in kinds[16]
+    assert {p for _, _, p in kinds[256]} == {"fused", "dequant"}
+    fp8 = autotune.candidates(1, 1024, r, "fp8") + autotune.candidates(256, 1024, r, "fp8")
+    assert all(c.block_m > 1 and triton_qmm.tile_scale(r, c.block_k) for c in fp8)
+    assert {c.path for c in fp8} == {"fused", "dequant"}
