@@ -5,6 +5,8 @@
 #   bench/gpu.sh                   # default parts: tests kernels serve (~8 min in all:
 #                                  # tests <= 120 s, kernels <= 210 s, serve <= 150 s)
 #   bench/gpu.sh tests kernels     # some parts
+#   TESTS_K="w4a8" KERNEL_SHAPES=1 TESTS_TIMEOUT_S=60 KERNELS_TIMEOUT_S=150 bench/gpu.sh tests kernels
+#                                  # a short check: some tests, one shape (8192 x 8192)
 #   SERVE_LAYERS=32 bench/gpu.sh serve   # the full 32-layer 8B shape (default 8 layers; ~6 min alone)
 #   DECODE_LAYERS=8 bench/gpu.sh kernels # also one captured decode step, W4 vs fp16
 #   bench/gpu.sh variants          # tuning aid: bench/qmm_variants.py on 8192 x 8192
@@ -41,10 +43,12 @@ for part in $PARTS; do
     tests)    # CUDA correctness: calibration, Triton qmm paths, W4A8, paged decode attention, engine
       # default kernel configs here (autotuning every parametrized case would take minutes);
       # bench/kernels_gpu.py checks the tuned configs against the references on every shape
-      TRITON_INTERPRET=0 LLMZIP_AUTOTUNE=0 timeout 120 $PY -m pytest -q -m gpu tests/test_gpu.py 2>&1 \
+      TRITON_INTERPRET=0 LLMZIP_AUTOTUNE=0 timeout "${TESTS_TIMEOUT_S:-120}" $PY -m pytest -q -m gpu tests/test_gpu.py \
+        ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/pytest_gpu.txt" || true ;;
     kernels)  # W4 (and W4A8) vs cuBLAS fp16 with tinygemm, gemlite and fp8 cuBLAS rows
-      timeout 210 $PY bench/kernels_gpu.py --budget-s "${KERNELS_BUDGET_S:-120}" \
+      timeout "${KERNELS_TIMEOUT_S:-210}" $PY bench/kernels_gpu.py --shapes "${KERNEL_SHAPES:-4}" \
+        --budget-s "${KERNELS_BUDGET_S:-120}" \
         --decode-layers "${DECODE_LAYERS:-0}" --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" || true ;;
     serve)    # llmzip serve: Llama-3-8B-shaped random model, fp16 vs W4 g128, 1/16/64 streams
       layers="${SERVE_LAYERS:-8}"
