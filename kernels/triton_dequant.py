@@ -58,19 +58,22 @@ if triton is not None:
 _BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _buffer(K: int, N: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A [K, N] view of the device's reused buffer for `dtype`, grown when a layer needs more."""
+def _buffer(K: int, N: int, device: torch.device, dtype: torch.dtype, k_major: bool = False) -> torch.Tensor:
+    """A [K, N] view of the device's reused buffer for `dtype`, grown when a layer needs more;
+    k_major: K is the contiguous axis (the FP8 tensor cores read B K-major)."""
     buf = _BUFFERS.get((device, dtype))
     if buf is None or buf.numel() < K * N:
         buf = _BUFFERS[(device, dtype)] = torch.empty(K * N, device=device, dtype=dtype)
-    return buf[: K * N].view(K, N)
+    return buf[: K * N].view(N, K).t() if k_major else buf[: K * N].view(K, N)
 
 
-def dequantize(r: Repacked, dtype: torch.dtype, codes: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(r: Repacked, dtype: torch.dtype, codes: bool = False, out: torch.Tensor | None = None,
+               k_major: bool = False) -> torch.Tensor:
     """The weight (codes=False) or its zero-free codes (codes=True) as a dense [K, N] tensor
-    in `dtype`, in the kernel's K order (act-order: permuted like `r.perm`)."""
+    in `dtype`, in the kernel's K order (act-order: permuted like `r.perm`); by default in
+    the reused buffer (k_major: stored with K contiguous)."""
     K, N = r.in_features, r.out_features
-    out = _buffer(K, N, r.qweight.device, dtype) if out is None else out
+    out = _buffer(K, N, r.qweight.device, dtype, k_major) if out is None else out
     zeros = r.zeros if r.zeros is not None else r.scales
     gidx = r.g_idx if r.g_idx is not None else r.scales
     bk, bn = 64, 128
@@ -91,5 +94,6 @@ def dense_matmul(x2: torch.Tensor, r: Repacked) -> torch.Tensor:
 
 
 def dense_codes(r: Repacked, emulate: bool = False) -> torch.Tensor:
-    """The zero-free codes [K, N] as e4m3 (fp32 holding the same integers when `emulate`)."""
-    return dequantize(r, torch.float32 if emulate else torch.float8_e4m3fn, codes=True)
+    """The zero-free codes [K, N] as e4m3, K contiguous (fp32 holding the same integers when
+    `emulate`)."""
+    return dequantize(r, torch.float32 if emulate else torch.float8_e4m3fn, codes=True, k_major=True)

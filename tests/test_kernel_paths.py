@@ -229,3 +229,14 @@ def test_autotune_searches_every_path_of_its_m_bucket():
     fp8 = autotune.candidates(1, 1024, r, "fp8") + autotune.candidates(256, 1024, r, "fp8")
     assert all(c.block_m > 1 and triton_qmm.tile_scale(r, c.block_k) for c in fp8)
     assert {c.path for c in fp8} == {"fused", "dequant"}
+
+
+def test_fp8_code_buffer_is_k_major_and_exact():
+    m = layer(symmetric=False, group=64)
+    r = triton_qmm.repack(m)
+    c = triton_dequant.dense_codes(r, emulate=True)
+    from llmzip.packing import unpack_int32
+
+    q = unpack_int32(m.weight_packed, 4, m.in_features, dim=1).float()
+    z = unpack_int32(m.weight_zero_point, 4, m.out_features, dim=0).float().repeat_interleave(64, 1)
+    assert c.stride(0) == 1 and torch.equal(c, (q - z).t())
