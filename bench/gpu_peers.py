@@ -8,7 +8,8 @@ callable x -> y (or raises ImportError / RuntimeError, which the benchmark recor
   package folder is carried and put on PYTHONPATH (bench/gpu.sh); on a GPU it has no tuned
   configs for (an H200), the H100 configs are loaded;
 - fp8 cuBLAS (`torch._scaled_mm`, per-token x per-channel scales, e4m3): not a W4 kernel, the
-  FP8 tensor-core ceiling the W4A8 path is measured against (activation quantization not timed).
+  FP8 tensor-core ceiling the W4A8 path is measured against (activation quantization not timed;
+  rows padded to 16, bf16 output as row-wise scaling asks).
 """
 
 from __future__ import annotations
@@ -63,11 +64,15 @@ def fp8_cublas(q: torch.Tensor, scales: torch.Tensor):
 
     def run(x):
         key = x.data_ptr()
-        if key not in cache:
-            xs = (x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
-            cache[key] = ((x.float() / xs).to(torch.float8_e4m3fn), xs)
+        if key not in cache:  # rows padded to 16 (cuBLASLt's FP8 minimum), output rows sliced back
+            rows = max(16, -(-x.shape[0] // 16) * 16)
+            xp = torch.zeros(rows, x.shape[1], device=x.device, dtype=torch.float32)
+            xp[: x.shape[0]] = x.float()
+            xs = (xp.abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+            cache[key] = ((xp / xs).to(torch.float8_e4m3fn), xs)
         xq, xs = cache[key]
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].contiguous(), out_dtype=torch.float16)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].contiguous(), out_dtype=torch.bfloat16)
+        return y[: x.shape[0]]
 
     return run
 
