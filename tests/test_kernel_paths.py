@@ -240,3 +240,20 @@ def test_fp8_code_buffer_is_k_major_and_exact():
     q = unpack_int32(m.weight_packed, 4, m.in_features, dim=1).float()
     z = unpack_int32(m.weight_zero_point, 4, m.out_features, dim=0).float().repeat_interleave(64, 1)
     assert c.stride(0) == 1 and torch.equal(c, (q - z).t())
+
+
+def test_serve_engine_takes_fp8_activations(tmp_path, monkeypatch):
+    import llmzip
+    import llmzip.models
+    from test_kv_fp8 import Tok
+
+    from llmzip.serve.server import build_engine
+
+    llmzip.quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 32)), output_dir=tmp_path / "q",
+                    progress=False)
+    monkeypatch.setattr(llmzip.models, "load_for_eval",
+                        lambda path, dtype=None, **kw: (llmzip.load(path, dtype=dtype, **kw), Tok()))
+    engine = build_engine(str(tmp_path / "q"), max_num_seqs=2, max_model_len=64, kv_dtype="auto", device="cpu",
+                          activations="fp8")
+    layers = [m for m in engine.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and {m.activations for m in layers} == {"fp8"}
