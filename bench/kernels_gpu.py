@@ -197,7 +197,8 @@ def main() -> None:
     bw = copy_bandwidth()
     meta = {"benchmark": "W4 g128 matmul vs torch fp16 matmul (cuBLAS), with peers", "device": device,
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "copy_bandwidth_GBps": round(bw / 1e9, 1), "command": "python bench/kernels_gpu.py " + " ".join(sys.argv[1:])}
+            "copy_bandwidth_GBps": round(bw / 1e9, 1),
+            "command": "python bench/kernels_gpu.py " + " ".join(sys.argv[1:])}
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for K, N in SHAPES[: args.shapes]:
