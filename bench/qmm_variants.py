@@ -134,7 +134,7 @@ def main() -> None:
 
     K, N = a.K, a.N
     g = torch.Generator(device="cuda").manual_seed(0)
-    layer = random_w4(K, N, g)
+    layer, _ = random_w4(K, N, g)
     r = triton_qmm.repack(layer)
     dense = dense_weight(layer, torch.float16)
     qw, sc = r.qweight, r.scales

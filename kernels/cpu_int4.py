@@ -64,6 +64,8 @@ def _op_available() -> bool:
 def can_implement(spec, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, "CPU only"
+    if getattr(spec, "activations", "fp16") == "fp8":
+        return False, "bf16 activations only (FP8 activations are emulated by the reference)"
     if spec.bits != 4:
         return False, f"{spec.bits}-bit codes: torch's CPU int4 matmul reads 4-bit codes only"
     if not _op_available():

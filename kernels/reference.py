@@ -66,7 +66,13 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, module) -> torch.Tensor:
-    """y = x @ W^T + b with W dequantized from `module`'s packed tensors."""
+    """y = x @ W^T + b with W dequantized from `module`'s packed tensors. A module with
+    FP8 activations (`module.activations == "fp8"`) first rounds x per token through e4m3:
+    the CPU emulation of the W4A8 kernel's numerics."""
+    if getattr(module, "activations", "fp16") == "fp8":
+        from .triton_fp8 import fake_quantize_rows
+
+        x = fake_quantize_rows(x)
     return F.linear(x, dense_weight(module, x.dtype), module.bias)
 
 

@@ -27,6 +27,7 @@ class LayerSpec:
     act_order: bool
     in_features: int
     out_features: int
+    activations: str = "fp16"  # "fp8": activations quantized per token to e4m3 (W4A8, opt-in)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Kernel:
 
 
 def _reference_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    if spec.activations == "fp8":
+        return True, "plain torch: per-token e4m3 activations emulated, dequantize then matmul, any device"
     return True, "plain torch: dequantize then matmul, any device"
 
 
@@ -57,7 +60,9 @@ def _triton_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
         return False, f"Triton runs on CUDA, not {device.type}"
     if not 2 <= spec.bits <= 8:
         return False, f"{spec.bits}-bit codes: the kernel reads 2..8-bit codes"
-    return True, "fused dequantize + matmul (split-K for M <= 16)"
+    if spec.activations == "fp8":
+        return False, "fp16/bf16 activations only (FP8 activations run on triton_w4a8)"
+    return True, "fused dequantize + matmul per M bucket (GEMV, split-K, tiles; dense matmul for prefill)"
 
 
 def _triton_prepare(module) -> None:
@@ -71,17 +76,41 @@ def _triton_linear(x: torch.Tensor, module) -> torch.Tensor:
 
     if "triton" not in module.kernel_cache:
         _triton_prepare(module)
-    y = triton_qmm.qmm(x, module.kernel_cache["triton"])
+    y = triton_qmm.qmm(x, module.kernel_cache["triton"], activations=module.spec().activations)
     return y if module.bias is None else y + module.bias.to(y.dtype)
 
 
 TRITON = Kernel("triton", _triton_ok, _triton_linear, _triton_prepare)
 
 
+def _w4a8_ok(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    from . import triton_fp8
+
+    if spec.activations != "fp8":
+        return False, "FP8 activations only (opt-in: activations='fp8')"
+    if triton_fp8.triton is None:
+        return False, "triton is not installed (pip install triton)"
+    if not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+            and os.environ.get("LLMZIP_KERNEL") == "triton_w4a8"):
+        ok, reason = triton_fp8.fp8_supported(device)
+        if not ok:
+            return False, reason
+    if not 2 <= spec.bits <= 5:
+        return False, f"{spec.bits}-bit codes: e4m3 holds integer codes exactly up to 5 bits"
+    if spec.group_size is None or spec.group_size % 32:
+        return False, f"group size {spec.group_size}: W4A8 applies one scale per K tile, groups of 32k"
+    if spec.act_order:
+        return False, "act-order: groups are not contiguous K tiles (run with fp16 activations)"
+    return True, "W4A8: per-token e4m3 activations (fused kernel), e4m3 codes on FP8 tensor cores"
+
+
+TRITON_W4A8 = Kernel("triton_w4a8", _w4a8_ok, _triton_linear, _triton_prepare)
+
+
 CPU_INT4 = Kernel("cpu_int4", cpu_int4.can_implement, cpu_int4.linear, cpu_int4.prepare)
 
 # First match wins: the fastest kernel first, the reference (accepts everything) last.
-KERNELS: list[Kernel] = [TRITON, CPU_INT4, REFERENCE]
+KERNELS: list[Kernel] = [TRITON_W4A8, TRITON, CPU_INT4, REFERENCE]
 
 
 def register(kernel: Kernel, index: int = 0) -> None:

@@ -26,7 +26,7 @@ from .config import ConfigError, WeightScheme
 from .errors import UserError
 from .files import check_safetensors, open_safetensors, read_json
 from .moe import prepare_experts
-from .quant_linear import QuantLinear, select_kernels
+from .quant_linear import ACTIVATIONS, QuantLinear, select_kernels, set_activations
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
@@ -185,12 +185,17 @@ def read_scheme(qc: dict) -> LoadedScheme:
     return LoadedScheme(scheme, w.get("actorder") == "group", tuple(qc.get("ignore", [])))
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         activations: str = "fp16"):
     """Load an llmzip (or any compatible compressed-tensors) checkpoint.
 
     Returns the model with QuantLinear modules, in eval mode, on `device`.
     dtype: compute dtype of the unquantized parts (default: the checkpoint's).
+    activations: "fp8" (opt-in) quantizes each quantized layer's input per token to e4m3:
+    W4A8 on FP8 tensor cores on a GPU that has them, emulated in plain torch elsewhere.
     """
+    if activations not in ACTIVATIONS:
+        raise CheckpointError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -236,6 +241,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             f"{path}: tensors missing {still_meta[:5]} / unexpected {result.unexpected_keys[:5]}"
         )
     model = model.to(device).eval()
+    set_activations(model, activations)
     select_kernels(model)  # once, at load: repacking (if the kernel wants it) happens here
     return model
 

@@ -18,6 +18,8 @@ import traceback
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) or fp8 (opt-in W4A8: per-token "
+            "e4m3 on FP8 tensor cores on GPUs that have them, emulated in torch elsewhere; default: fp16)")
 
 
 def _dtype(name: str):
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int4/int2: tokens per key group / channels per value group (default: 32)")
     ppl.add_argument("--kv-chunk", type=int, default=16,
                      help="tokens per forward pass with --kv-cache; 1 = token-by-token decoding (default: 16)")
+    ppl.add_argument("--activations", default="fp16", choices=["fp16", "fp8"], help=ACT_HELP)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
     t = esub.add_parser("tasks", help="downstream tasks: built-in offline ones (eval/tasks.py) or any lm-eval task")
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     s.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--activations", default="fp16", choices=["fp16", "fp8"], help=ACT_HELP)
     s.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="CPU: run dense bf16 Linears (the LM head; all Linears of an unquantized model) on their "
                         "own weights instead of prepared copies (oneDNN-prepacked bf16, or fp32 on CPUs without "

@@ -93,14 +93,15 @@ def eval_ppl(args) -> int:
             kv = KVCacheConfig(args.kv_cache, residual=args.kv_residual, group=args.kv_group)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    model, _ = load_for_eval(args.model, _dtype(args.dtype), tokenizer=tok)
+    model, _ = load_for_eval(args.model, _dtype(args.dtype), tokenizer=tok, activations=args.activations)
     res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows, kv_cache=kv,
                      kv_chunk=args.kv_chunk)
     print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
-          f"{res.dtype}, {res.tokens_per_s:.0f} tok/s" + (f", KV cache {res.kv_cache})" if kv else ")"))
+          f"{res.dtype}, {res.tokens_per_s:.0f} tok/s" + (f", KV cache {res.kv_cache}" if kv else "")
+          + (f", activations {args.activations})" if args.activations != "fp16" else ")"))
     if args.json:
         out = res.to_dict()
-        out.update(model=args.model, data=args.data)
+        out.update(model=args.model, data=args.data, activations=args.activations)
         print_json(out)
     return EXIT_OK
 

@@ -202,13 +202,17 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(Path(model).expanduser() if is_checkpoint(model) else resolve(model))
 
 
-def load_for_eval(model: str, dtype=None, tokenizer=None):
+def load_for_eval(model: str, dtype=None, tokenizer=None, activations: str = "fp16"):
     """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id;
-    a `tokenizer` already loaded (load_tokenizer) is returned as it is."""
+    a `tokenizer` already loaded (load_tokenizer) is returned as it is. activations "fp8"
+    (W4A8) applies to an llmzip checkpoint's quantized layers only."""
     from .checkpoint import load
 
     if is_checkpoint(model):
-        return load(Path(model).expanduser(), dtype=dtype), tokenizer or load_tokenizer(model)
+        return load(Path(model).expanduser(), dtype=dtype, activations=activations), tokenizer or load_tokenizer(model)
+    if activations != "fp16":
+        raise ModelError(f"--activations {activations} applies to quantized layers: '{model}' is not an llmzip "
+                         "checkpoint (quantize it first: llmzip quantize)")
     return load_pretrained(model, dtype=dtype, tokenizer=tokenizer)
 
 

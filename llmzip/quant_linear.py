@@ -62,6 +62,7 @@ class QuantLinear(nn.Module):
         self.refused_kernels: dict[str, str] = {}
         self._dense: dict | None = None  # dtype -> dequantized weight, inside cached_dense_weights
         self.kernel_cache: dict = {}  # what the selected kernel derives from the tensors (e.g. a repacked layout)
+        self.activations = "fp16"  # "fp8": per-token e4m3 activations (W4A8), see set_activations
 
     @property
     def bits(self) -> int:
@@ -101,7 +102,8 @@ class QuantLinear(nn.Module):
         from llmzip.kernels.registry import LayerSpec
 
         s = self.scheme
-        return LayerSpec(s.bits, s.group_size, s.symmetric, self.act_order, self.in_features, self.out_features)
+        return LayerSpec(s.bits, s.group_size, s.symmetric, self.act_order, self.in_features, self.out_features,
+                         self.activations)
 
     def select_kernel(self, device: torch.device):
         from llmzip.kernels.registry import select_kernel
@@ -154,6 +156,19 @@ def cached_dense_weights(module: nn.Module):
     finally:
         for m in layers:
             m._dense = None
+
+
+ACTIVATIONS = ("fp16", "fp8")  # "fp16": the model's 16-bit dtype as is; "fp8": per-token e4m3 (W4A8)
+
+
+def set_activations(model: nn.Module, activations: str) -> None:
+    """Run every QuantLinear with `activations` ("fp16" or "fp8"); kernels are chosen again."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.activations = activations
+            m._kernel, m.kernel_cache = None, {}
 
 
 def select_kernels(model: nn.Module) -> dict[str, dict]:

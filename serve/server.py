@@ -47,7 +47,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
-                 max_queue: int = 256, kv_cache_tokens: int | None = None, prepack: bool = True):
+                 max_queue: int = 256, kv_cache_tokens: int | None = None, prepack: bool = True,
+                 activations: str = "fp16"):
     import torch
 
     from llmzip.kv_cache import attached_fp8_scales
@@ -55,7 +56,7 @@ def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype
 
     from .engine import Engine, EngineConfig
 
-    model, tokenizer = load_for_eval(model_dir, dtype=dtype)
+    model, tokenizer = load_for_eval(model_dir, dtype=dtype, activations=activations)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device) != "cpu":
         from llmzip.quant_linear import select_kernels
@@ -74,6 +75,8 @@ def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype
 
 def serve(args) -> int:
     if args.engine == "vllm":
+        if getattr(args, "activations", "fp16") != "fp16":
+            raise ValueError("--activations fp8 runs on llmzip's engine; drop it with --engine vllm")
         return run_vllm(args)
     require_serve_deps()
     import signal
@@ -93,7 +96,8 @@ def serve(args) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     engine = build_engine(args.model_dir, args.max_num_seqs, args.max_model_len, args.kv_cache_dtype,
                           dtype=args.dtype, device=args.device, max_queue=args.max_queue,
-                          kv_cache_tokens=args.kv_cache_tokens, prepack=getattr(args, "prepack", True))
+                          kv_cache_tokens=args.kv_cache_tokens, prepack=getattr(args, "prepack", True),
+                          activations=getattr(args, "activations", "fp16"))
     name = args.served_model_name or Path(args.model_dir).name
     app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
     log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", args.model_dir, name,

@@ -97,7 +97,8 @@ def test_server_pool_and_metadata_use_the_calibrated_scales(exported, monkeypatc
     meta = json.loads((out / "llmzip.json").read_text())
     assert meta["kv_cache"]["dtype"] == "fp8" and meta["calibration"]["samples"] == 4
     # The export carries no tokenizer files (stand-in tokenizer): load the model, keep the stand-in.
-    monkeypatch.setattr(llmzip.models, "load_for_eval", lambda path, dtype=None: (load(path, dtype=dtype), Tok()))
+    monkeypatch.setattr(llmzip.models, "load_for_eval",
+                        lambda path, dtype=None, **kw: (load(path, dtype=dtype, **kw), Tok()))
     engine = build_engine(str(out), max_num_seqs=2, max_model_len=64, kv_dtype="fp8", device="cpu")
     read = [(k.item(), v.item()) for k, v in engine.pool.fp8_scales]
     assert _flat(read) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
