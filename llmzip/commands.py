@@ -20,12 +20,17 @@ def _names(text: str | None) -> list[str]:
 def quantize(args) -> int:
     from .api import quantize as run
     from .calibration import CalibConfig
-    from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme, clip_by_default
+    from .config import (DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, SignRoundSettings, WeightScheme,
+                         clip_by_default)
+    from .recipes import apply_recipe
 
+    apply_recipe(args)
     clip = clip_by_default(args.method) if args.clip_search is None else args.clip_search
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential),
+        signround=SignRoundSettings(**{k: v for k, v in (("iters", args.iters), ("batch", args.signround_batch))
+                                       if v is not None}),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=args.group_size, symmetric=not args.asym),
         clip=ClipSearch(grid=args.clip_grid) if clip else None,

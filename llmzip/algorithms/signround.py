@@ -23,43 +23,60 @@ from ..config import SignRoundSettings, WeightScheme
 from .rtn import QuantResult
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 def _store_ste(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale as stored in `dtype` (the value the checkpoint dequantizes with), with
     the gradient of the unrounded one."""
     return scale + (scale.to(dtype).float() - scale).detach()
 
 
-def qdq(w: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scheme: WeightScheme,
-        scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Differentiable quantize-dequantize.
+class _RoundDequant(torch.autograd.Function):
+    """(Q - zero) * scale with Q = clamp(round(W / scale + V) + zero, qmin, qmax), in
+    `dtype`, as one function whose backward is the straight-through estimate: round()
+    has derivative 1, clamp() 0 outside the grid. Fewer passes over [out, in] than
+    autograd through the elementwise ops (this is the cost of each step on a CPU).
+    wg, v: [out, n_groups, G] fp32; scale, zero: [out, n_groups, 1] fp32 (zero 0 when
+    symmetric). Returns ([out, n_groups, G] in dtype, codes Q fp32)."""
 
-    w, v: [out, in] fp32; alpha, beta: [out, n_groups] fp32. Returns (W_hat [out, in]
-    fp32, codes [out, in] fp32, scale [out, n_groups] fp32 (a `scale_dtype` value),
+    @staticmethod
+    def forward(ctx, wg, v, scale, zero, qmin, qmax, dtype):
+        ws = wg / scale
+        q = torch.round(ws + v).add_(zero)
+        inside = (q >= qmin) & (q <= qmax)
+        q.clamp_(qmin, qmax)
+        code = q - zero
+        ctx.save_for_backward(ws, code, scale, inside)
+        ctx.mark_non_differentiable(q)
+        return (code * scale).to(dtype), q
+
+    @staticmethod
+    def backward(ctx, grad, _grad_q):
+        ws, code, scale, inside = ctx.saved_tensors
+        g = grad.float()
+        grad_v = g * scale * inside
+        # d/ds of (round(w/s + v) * s): code - w/s inside the grid (round passes through), code outside
+        grad_s = (g * (code - ws * inside)).sum(-1, keepdim=True)
+        return None, grad_v, grad_s, None, None, None, None
+
+
+def qdq(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+        beta: torch.Tensor, scheme: WeightScheme, dtype: torch.dtype):
+    """Differentiable quantize-dequantize of one weight.
+
+    wg, v: [out, n_groups, G] fp32; lo, hi: [out, n_groups] the groups' min(w, 0) and
+    max(w, 0); alpha, beta: [out, n_groups] range factors. Returns (W_hat [out,
+    n_groups, G] in `dtype`, codes fp32, scale [out, n_groups] fp32 (a `dtype` value),
     zero [out, n_groups] fp32 or None). Same conventions as llmzip.primitives."""
-    out_f, in_f = w.shape
-    G = scheme.group_size or in_f
-    wg = w.reshape(out_f, in_f // G, G)
-    lo = wg.amin(-1).clamp(max=0.0) * alpha
-    hi = wg.amax(-1).clamp(min=0.0) * beta
-    tiny = torch.finfo(scale_dtype).tiny * 16
+    lo, hi = lo * alpha, hi * beta
+    tiny = torch.finfo(dtype).tiny * 16
     if scheme.symmetric:
-        scale = torch.maximum(hi / scheme.qmax, lo / scheme.qmin)
+        scale = _store_ste(torch.maximum(hi / scheme.qmax, lo / scheme.qmin).clamp(min=tiny), dtype)
         zero = None
     else:
-        scale = (hi - lo) / ((1 << scheme.bits) - 1)
-    scale = _store_ste(scale.clamp(min=tiny), scale_dtype)
-    s = scale.unsqueeze(-1)
-    q = _round_ste(wg / s + v.reshape(wg.shape))
-    if not scheme.symmetric:
+        scale = _store_ste(((hi - lo) / ((1 << scheme.bits) - 1)).clamp(min=tiny), dtype)
         zero = torch.round(scheme.qmin - lo / scale).clamp(scheme.qmin, scheme.qmax).detach()
-        q = q + zero.unsqueeze(-1)
-    q = q.clamp(scheme.qmin, scheme.qmax)
-    deq = q - zero.unsqueeze(-1) if zero is not None else q
-    return (deq * s).reshape(out_f, in_f), q.reshape(out_f, in_f), scale, zero
+    z = torch.zeros((), device=wg.device) if zero is None else zero.unsqueeze(-1)
+    deq, q = _RoundDequant.apply(wg, v, scale.unsqueeze(-1), z, scheme.qmin, scheme.qmax, dtype)
+    return deq, q, scale, zero
 
 
 def signround(
@@ -80,14 +97,17 @@ def signround(
     them. Each step draws `settings.batch` of the N samples. on_step(step, loss) is
     called after each step. Returns ({name: QuantResult}, info with the first, best and
     last step losses and the best step)."""
-    w32 = {n: w.detach().float() for n, w in weights.items()}
     dtypes = {n: w.dtype for n, w in weights.items()}
-    params = {}
-    for n, w in w32.items():
-        groups = scheme.groups(w.shape[1])
-        params[n] = [torch.zeros_like(w, requires_grad=True),
-                     torch.ones(w.shape[0], groups, device=w.device, requires_grad=settings.minmax),
-                     torch.ones(w.shape[0], groups, device=w.device, requires_grad=settings.minmax)]
+    shapes = {n: w.shape for n, w in weights.items()}
+    fixed, params = {}, {}  # per weight: (W grouped fp32, lo, hi); (V, alpha, beta)
+    for n, w in weights.items():
+        out_f, in_f = w.shape
+        G = scheme.group_size or in_f
+        wg = w.detach().float().reshape(out_f, in_f // G, G)
+        fixed[n] = (wg, wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0))
+        params[n] = [torch.zeros_like(wg, requires_grad=True),
+                     torch.ones(out_f, in_f // G, device=w.device, requires_grad=settings.minmax),
+                     torch.ones(out_f, in_f // G, device=w.device, requires_grad=settings.minmax)]
     trained = [p for ps in params.values() for p in ps if p.requires_grad]
     gen = torch.Generator().manual_seed(settings.seed)
     lr0, iters, n = settings.step_size, settings.iters, inputs.shape[0]
@@ -95,7 +115,7 @@ def signround(
     best = [p.detach().clone() for p in trained]
     for step in range(iters):
         idx = torch.randperm(n, generator=gen)[: settings.batch].to(inputs.device)
-        dense = {k: qdq(w32[k], *params[k], scheme, dtypes[k])[0].to(dtypes[k]) for k in w32}
+        dense = {k: qdq(*fixed[k], *params[k], scheme, dtypes[k])[0].reshape(shapes[k]) for k in fixed}
         out = forward(inputs[idx], dense)
         loss = (out.float() - targets[idx].float()).pow(2).mean()
         loss_v = loss.item()
@@ -119,9 +139,9 @@ def signround(
         for p, kept in zip(trained, best):
             p.copy_(kept)
         results = {}
-        for k, w in w32.items():
-            _, q, scale, zero = qdq(w, *params[k], scheme, dtypes[k])
-            results[k] = QuantResult(q.to(torch.int8), scale.to(dtypes[k]),
+        for k in fixed:
+            _, q, scale, zero = qdq(*fixed[k], *params[k], scheme, dtypes[k])
+            results[k] = QuantResult(q.to(torch.int8).reshape(shapes[k]), scale.to(dtypes[k]),
                                      None if zero is None else zero.to(torch.int8))
     info = {"iters": iters, "loss_first": first_loss, "loss_best": None if best_step < 0 else best_loss,
             "loss_last": loss_v, "best_step": best_step}
