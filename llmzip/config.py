@@ -241,6 +241,9 @@ class QuantConfig:
             object.__setattr__(self, "clip", ClipSearch() if clip_by_default(self.method) else None)
         elif not (self.clip is None or isinstance(self.clip, ClipSearch)):
             raise ConfigError(f"clip={self.clip!r}: use a ClipSearch, None or 'auto'")
+        if self.clip is not None and "signround" in recipe_steps(self.method):
+            raise ConfigError("--clip-search does not apply to signround, which learns its own per-group range "
+                              "factors: drop --clip-search")
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(
                 self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)

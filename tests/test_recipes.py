@@ -33,3 +33,11 @@ def test_recipes_fill_method_and_settings():
 def test_recipe_and_method_together_is_a_clear_error():
     with pytest.raises(ConfigError, match="drop --method"):
         _args("--recipe", "fast", "--method", "gptq")
+
+
+def test_clip_search_with_signround_is_a_clear_error():
+    from llmzip.config import ClipSearch, QuantConfig
+
+    with pytest.raises(ConfigError, match="drop --clip-search"):
+        QuantConfig(method="signround", clip=ClipSearch())
+    assert QuantConfig(method="signround").clip is None

@@ -97,3 +97,24 @@ def test_bad_settings_name_the_fix():
         SignRoundSettings(iters=-1)
     with pytest.raises(ConfigError, match="signround"):
         QuantConfig(method="awq+sign")
+
+
+# SmolLM2-135M, W3 g64, CI-sized: 8 x 128 calibration tokens, 4 steps of 2 samples per
+# layer; perplexity over the first 2 windows of 1024 wiki tokens at most this fraction
+# of round-to-nearest's.
+SMOLLM2_MAX_PPL_VS_RTN = 0.75
+
+
+@pytest.mark.slow
+def test_signround_beats_rtn_on_smollm2_w3(smollm2_dir, wiki_ids):
+    from llmzip import quantize
+    from llmzip.calibration import CalibConfig
+    from llmzip.eval.perplexity import perplexity
+
+    scheme = WeightScheme(3, 64)
+    ppl = {}
+    for method in ("rtn", "signround"):
+        cfg = QuantConfig(method=method, weights=scheme, signround=SignRoundSettings(iters=4, batch=2))
+        model, _ = quantize(str(smollm2_dir), cfg, calib=CalibConfig(samples=8, seq_len=128), progress=False)
+        ppl[method] = perplexity(model, wiki_ids, ctx=1024, max_windows=2, progress=False).ppl
+    assert ppl["signround"] < SMOLLM2_MAX_PPL_VS_RTN * ppl["rtn"], ppl
