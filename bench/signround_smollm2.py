@@ -43,13 +43,14 @@ def config(method: str, bits: int, group: int | None, args) -> QuantConfig:
     if method == "gptq-act":
         return QuantConfig(method="gptq", weights=scheme, clip=ClipSearch(),
                            gptq=GPTQSettings(act_order=True, static_groups=True))
-    sr = SignRoundSettings(iters=args.iters, batch=args.batch)
+    sr = SignRoundSettings(iters=args.iters, batch=args.batch, lr=args.lr)
     return QuantConfig(method=method, weights=scheme, signround=sr)
 
 
 def label(method: str, args) -> str:
     if "signround" in method:
-        return f"{method} ({args.iters} steps, batch {args.batch})"
+        lr = "" if args.lr is None else f", lr {args.lr}"
+        return f"{method} ({args.iters} steps, batch {args.batch}{lr})"
     return {"gptq-act": "gptq act-order +clip"}.get(method, method)
 
 
@@ -59,7 +60,10 @@ def main() -> None:
     p.add_argument("--methods", default="rtn,signround", help="rtn, gptq-act, signround, awq+signround")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="SignRound step size (default: 1 / iters)")
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=CALIB.seq_len, help="calibration tokens per window (default: 512)")
     p.add_argument("--samples", type=int, default=CALIB.samples,
                    help="calibration windows: the first N of the 128 x 512 (default: all)")
     p.add_argument("--note", default="")
@@ -74,7 +78,7 @@ def main() -> None:
     base_dir = str(demo_checkpoint("smollm2-135m"))
     base, tok = load_pretrained(base_dir)
     ids = tokenize(tok, load_text("wiki"))
-    calib = CalibConfig(samples=args.samples, seq_len=CALIB.seq_len)
+    calib = CalibConfig(samples=args.samples, seq_len=args.seq_len)
     torch.manual_seed(0)
     for setting in args.settings.split(","):
         bits, group = SETTINGS[setting.strip()]
@@ -83,12 +87,14 @@ def main() -> None:
             t0 = time.perf_counter()
             q, report = quantize(base_dir, cfg, calib=calib, progress=True)
             seconds = time.perf_counter() - t0
-            k = kl_divergence(base, q, ids, ctx=2048, max_windows=args.windows, progress=False)
+            k = kl_divergence(base, q, ids, ctx=args.ctx, max_windows=args.windows, progress=False)
             row = {"setting": setting.strip(), "method": label(method, args), "ppl": round(k.ppl, 4),
                    "ppl_ratio": round(k.ppl_ratio, 4), "mean_kld": round(k.mean_kld, 5),
                    "top1": round(k.top1_agreement, 4), "bf16_ppl": round(k.base_ppl, 4),
-                   "quant_s": round(seconds, 1), "windows": k.windows, "calib_samples": args.samples, "run": run_no}
-            result["rows"] = [r for r in result["rows"] if (r["setting"], r["method"]) != (row["setting"], row["method"])]
+                   "quant_s": round(seconds, 1), "eval": f"{k.windows} x {args.ctx}",
+                   "calib": f"{args.samples} x {args.seq_len}", "run": run_no}
+            key = ("setting", "method", "calib", "eval")
+            result["rows"] = [r for r in result["rows"] if any(r[k] != row[k] for k in key)]
             result["rows"].append(row)
             print(row, flush=True)
             write(result)
@@ -96,22 +102,22 @@ def main() -> None:
 
 
 def write(result: dict) -> None:
-    result.update(benchmark="SignRound on SmolLM2-135M vs bf16", calibration=CALIB.to_dict(),
-                  eval="llmzip.eval.kld: wiki, ctx 2048, first 16 windows (32752 scored tokens)")
+    result.update(benchmark="SignRound on SmolLM2-135M vs bf16",
+                  eval="llmzip.eval.kld on the built-in wiki text, the first `eval` windows of ctx tokens")
     (HERE / "results" / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# {result['benchmark']}", "",
-             "Calibration: the first `samples` of the 128 x 512 token windows of 'lee' (seed 0, the ids of "
-             "calibrated_peers). "
+             "Calibration: `calib` windows x tokens of 'lee' (seed 0; 128 x 512 are the ids of calibrated_peers). "
              f"Evaluation: {result['eval']}, against bf16. quant s: wall time of llmzip.quantize "
              "(lazy load + calibrate + quantize, no save) on the machine of its run, which other work "
              "shared (2 CPU cores). Runs:", ""]
     lines += [f"{i}. `{r['command']}` (started {r['started']}; {r['machine']}){'; ' + r['note'] if r['note'] else ''}"
               for i, r in enumerate(result["runs"], 1)]
-    lines += ["", "| setting | method | calib samples | ppl | ppl / bf16 | mean KLD | top-1 agree | quant s | run |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| setting | method | calib | eval | ppl | bf16 ppl | ppl / bf16 | mean KLD | top-1 agree "
+                  "| quant s | run |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     order = list(SETTINGS)
     for r in sorted(result["rows"], key=lambda r: order.index(r["setting"])):
-        lines.append(f"| {r['setting']} | {r['method']} | {r['calib_samples']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {r['mean_kld']:.4f} "
+        lines.append(f"| {r['setting']} | {r['method']} | {r['calib']} | {r['eval']} | {r['ppl']:.3f} "
+                     f"| {r['bf16_ppl']:.3f} | {r['ppl_ratio']:.4f} | {r['mean_kld']:.4f} "
                      f"| {r['top1']:.4f} | {r['quant_s']} | {r['run']} |")
     (HERE / "results" / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
