@@ -20,6 +20,9 @@ EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) or fp8 (opt-in W4A8: per-token "
             "e4m3 on FP8 tensor cores on GPUs that have them, emulated in torch elsewhere; default: fp16)")
+# config and recipes are light (dataclasses only): safe to import before parsing
+from .config import METHODS  # noqa: E402
+from .recipes import RECIPES  # noqa: E402
 
 
 def _dtype(name: str):
@@ -55,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors checkpoint")
     q.add_argument("model", help="demo alias, local model dir or hub id")
     q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
-                   help="rtn (no data), or calibrated: gptq, awq, awq+gptq (default: rtn)")
+    q.add_argument("--method", default=None, choices=METHODS,
+                   help="rtn (no data), or calibrated: gptq, awq, awq+gptq, signround (learned rounding), "
+                        "awq+signround (default: rtn)")
+    q.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="a preset instead of --method: " + "; ".join(f"{k}: {v['doc']}" for k, v in RECIPES.items()))
     q.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     q.add_argument("--group-size", type=_group_size, default="auto",
                    help="columns per scale; -1 = per-channel; auto = 128 where it divides every quantized layer's "
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-grid", type=int, default=20, help="shrink ratios tried by --clip-search (default: 20)")
     q.add_argument("--ignore", action="append", default=None, metavar="REGEX",
                    help="keep matching Linear layers in full precision (repeatable; default: lm_head)")
-    c = q.add_argument_group("calibration (gptq, awq, awq+gptq)")
+    c = q.add_argument_group("calibration (gptq, awq, signround and their combinations)")
     c.add_argument("--calib", default="lee", help="built-in corpus (lee), text file or hub:ID[:CONFIG]:SPLIT:COLUMN")
     c.add_argument("--samples", type=int, default=128, help="calibration sequences (default: 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: 512)")
@@ -82,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated with the earlier groups already quantized (one extra pass per group)")
     c.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay contiguous)")
+    c.add_argument("--iters", type=int, default=None,
+                   help="SignRound: signed-gradient steps per decoder layer (default: 200, AutoRound's recipe)")
+    c.add_argument("--signround-batch", type=int, default=None,
+                   help="SignRound: calibration samples per step (default: 8, AutoRound's recipe)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--kv-cache", default=None, choices=["fp8"],

@@ -20,13 +20,18 @@ def _names(text: str | None) -> list[str]:
 def quantize(args) -> int:
     from .api import AUTO_GROUP_SIZES, quantize as run
     from .calibration import CalibConfig
-    from .config import DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, WeightScheme, clip_by_default
+    from .config import (DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, SignRoundSettings, WeightScheme,
+                         clip_by_default)
+    from .recipes import apply_recipe
 
+    apply_recipe(args)
     clip = clip_by_default(args.method) if args.clip_search is None else args.clip_search
     auto_group = args.group_size == "auto"
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential),
+        signround=SignRoundSettings(**{k: v for k, v in (("iters", args.iters), ("batch", args.signround_batch))
+                                       if v is not None}),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=AUTO_GROUP_SIZES[0] if auto_group else args.group_size,
                              symmetric=not args.asym),

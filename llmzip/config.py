@@ -12,8 +12,13 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-CALIBRATED = ("gptq", "awq", "awq+gptq")
+# A calibrated method is a recipe of steps run on each decoder layer in order: optional
+# transforms of the float layer (SMOOTHERS), then one rounding step (ROUNDERS). The
+# steps themselves live in llmzip/steps/; "awq" alone is AWQ then RTN.
+SMOOTHERS = ("awq",)
+ROUNDERS = ("rtn", "gptq", "signround")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "signround", "awq+signround")
+CALIBRATED = tuple(m for m in METHODS if m != "rtn")
 MIN_BITS, MAX_BITS = 2, 8
 # Linear layers that stay in full precision unless the user says otherwise.
 DEFAULT_IGNORE = (r"(^|\.)lm_head$",)
@@ -154,6 +159,47 @@ class AWQSettings:
             raise ConfigError(f"AWQ settings must be positive: {self}")
 
 
+@dataclass(frozen=True)
+class SignRoundSettings:
+    """SignRound (Cheng et al., 2023; AutoRound): learned rounding offsets V in
+    [-0.5, 0.5] and per-group range factors in [min_clip, 1], fitted per decoder layer
+    by signed gradient descent on the block-output MSE.
+
+    iters: steps per layer (AutoRound's default recipe: 200; its "light" one: 50).
+    lr: step size of the sign updates, decaying linearly to 0 (None = 1 / iters,
+        AutoRound's default). batch: calibration samples per step (AutoRound: 8).
+    minmax: also learn the range factors (AutoRound's enable_minmax_tuning).
+    seed: draws the samples of each step (per layer, so a resumed run is identical)."""
+
+    iters: int = 200
+    lr: float | None = None
+    batch: int = 8
+    minmax: bool = True
+    min_clip: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise ConfigError(f"SignRound iters={self.iters!r} must be a non-negative integer (--iters)")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"SignRound lr={self.lr!r} must be positive, or None for 1/iters")
+        if self.batch < 1:
+            raise ConfigError(f"SignRound batch={self.batch!r} must be at least 1")
+        if not 0.0 < self.min_clip <= 1.0:
+            raise ConfigError(f"SignRound min_clip={self.min_clip!r} must be in (0, 1]")
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+def recipe_steps(method: str) -> tuple[str, ...]:
+    """The per-layer steps of a calibrated method: 'awq+gptq' -> ('awq', 'gptq'), and
+    'awq' -> ('awq', 'rtn') (smoothing alone ends in round-to-nearest)."""
+    parts = tuple(method.split("+"))
+    return parts + ("rtn",) if parts[-1] in SMOOTHERS else parts
+
+
 def clip_by_default(method: str) -> bool:
     """Whether `method` searches clipped ranges unless told otherwise (QuantConfig.clip)."""
     return method == "gptq"
@@ -165,7 +211,8 @@ class QuantConfig:
 
     method: "rtn" (round-to-nearest, no data), or a calibrated method: "gptq",
         "awq" (activation-aware scales + clipping, then RTN), "awq+gptq" (AWQ scales,
-        then GPTQ rounding).
+        then GPTQ rounding), "signround" (learned rounding, `signround` settings),
+        "awq+signround".
     weights: the WeightScheme applied to every quantized Linear.
     clip: range clipping search, None for plain min/max ranges, or "auto" (the
         default): on for "gptq", whose search weighs each candidate by the layer-output
@@ -181,6 +228,7 @@ class QuantConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     awq: AWQSettings = field(default_factory=AWQSettings)
+    signround: SignRoundSettings = field(default_factory=SignRoundSettings)
     kv_cache: str | None = None  # "fp8": calibrate static FP8 K/V scales and export them
 
     def __post_init__(self):
@@ -195,6 +243,9 @@ class QuantConfig:
             object.__setattr__(self, "clip", ClipSearch() if clip_by_default(self.method) else None)
         elif not (self.clip is None or isinstance(self.clip, ClipSearch)):
             raise ConfigError(f"clip={self.clip!r}: use a ClipSearch, None or 'auto'")
+        if self.clip is not None and "signround" in recipe_steps(self.method):
+            raise ConfigError("--clip-search does not apply to signround, which learns its own per-group range "
+                              "factors: drop --clip-search")
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(
                 self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
@@ -206,12 +257,17 @@ class QuantConfig:
                 raise ConfigError(f"--ignore pattern {pattern!r} is not a valid regex: {e}") from e
 
     @property
+    def steps(self) -> tuple[str, ...]:
+        """Per-layer steps of a calibrated method (recipe_steps)."""
+        return recipe_steps(self.method)
+
+    @property
     def uses_awq(self) -> bool:
-        return self.method in ("awq", "awq+gptq")
+        return "awq" in self.steps
 
     @property
     def uses_gptq(self) -> bool:
-        return self.method in ("gptq", "awq+gptq")
+        return "gptq" in self.steps
 
     def is_ignored(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.ignore)
@@ -229,5 +285,6 @@ class QuantConfig:
             ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
             gptq=GPTQSettings(**d.get("gptq", {})),
             awq=AWQSettings(**d.get("awq", {})),
+            signround=SignRoundSettings(**d.get("signround", {})),
             kv_cache=d.get("kv_cache"),
         )

@@ -1,11 +1,12 @@
-"""Layer-by-layer calibrated quantization (GPTQ, AWQ, AWQ+GPTQ) in bounded memory.
+"""Layer-by-layer calibrated quantization (GPTQ, AWQ, SignRound and their recipes) in bounded memory.
 
 1. Run the calibration samples through the embeddings and catch what enters
    decoder layer 0 (hidden states plus the keyword arguments the model passes).
-2. For each decoder layer: move only it to the compute device, feed it the caught
-   inputs while hooks accumulate each target Linear's input Hessian, quantize each
-   Linear with GPTQ, swap in QuantLinear modules, and re-run the quantized layer to
-   produce the next layer's inputs (so later layers calibrate on what they will see).
+2. For each decoder layer: move only it to the compute device, run the method's
+   steps on it (llmzip.steps: e.g. AWQ smoothing, then GPTQ rounding from input
+   Hessians that hooks accumulate), which swap in QuantLinear modules, and re-run the
+   quantized layer to produce the next layer's inputs (so later layers calibrate on
+   what they will see).
 Only one decoder layer and the activations of the calibration set are on the
 compute device at a time.
 """
@@ -19,14 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms import rtn
-from .algorithms.gptq import HessianAccumulator, gptq
 from .arch import arch_of, decoder_layers
 from .config import QuantConfig
-from .moe import calibrating_all_experts, expert_token_counts
+from .moe import expert_token_counts
 from .quant_linear import QuantLinear, cached_dense_weights
 from .resume import LayerCheckpoints
-from .smoothing import awq_layer, run_keeping_first
+from .steps import LayerWork, reference_keep, run_steps
 from .surgery import set_module
 
 log = logging.getLogger("llmzip")
@@ -115,7 +114,7 @@ def calibrate_model(
     lazy=None,
 ) -> dict:
     """Quantize `targets` (names of nn.Linear) of `model` in place with a calibrated
-    method (config.method: gptq, awq or awq+gptq).
+    method (config.method: a recipe of steps, config.steps).
 
     ids: [samples, seq_len] calibration tokens. checkpoints: where finished layers
     are saved; with resume=True, layers already saved there are restored instead of
@@ -150,7 +149,7 @@ def calibrate_model(
             lazy.materialize(layers[i], f"{prefix}{i}.")
         layer = layers[i].to(device)
         inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config,
-                                                     arch)
+                                                     arch, i, progress)
         stats.update(layer_stats)
         blocks.append({"layer": i, **block})
         layers[i] = layer.to("cpu")
@@ -165,56 +164,16 @@ def calibrate_model(
     return {"layers": stats, "blocks": blocks}
 
 
-def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig, arch):
-    """Quantize every target Linear of one decoder layer; returns (next inputs, stats, block)."""
+def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig, arch,
+                    index: int = 0, progress: bool = False):
+    """Run the recipe's steps (config.steps, llmzip.steps) on one decoder layer; returns
+    (next inputs, stats, block)."""
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
-    block, ref = {}, None
-    # Calibration passes send every token through every MoE expert (llmzip.moe).
-    if config.uses_awq:
-        with calibrating_all_experts(layer):
-            ref, block["awq"] = awq_layer(layer, names, inputs, kwargs, config, arch,
-                                          lambda lyr, x: _first(lyr(x, **kwargs)), keep=REF_BATCHES)
-    stats = {}
-    if config.uses_gptq:
-        # Linears reading the same input (q/k/v, gate/up) share one Hessian.
-        groups = _input_groups(layer, names, inputs[0], kwargs)
-        passes = [[g] for g in groups] if config.gptq.true_sequential else [groups]
-        for i, pass_groups in enumerate(passes):
-            hess = {g[0]: HessianAccumulator(names[g[0]].in_features, names[g[0]].weight.device) for g in pass_groups}
-            hooks = [names[n].register_forward_hook(lambda mod, a, out, n=n: hess[n].add(a[0])) for n in hess]
-            try:
-                with calibrating_all_experts(layer), cached_dense_weights(layer):
-                    # the float layer's outputs, kept on the first pass unless AWQ already did
-                    kept = run_keeping_first(lambda x: _first(layer(x, **kwargs)), inputs,
-                                             REF_BATCHES if ref is None else 0)
-            finally:
-                for h in hooks:
-                    h.remove()
-            if ref is None:
-                ref = kept
-            for group in pass_groups:
-                H = hess.pop(group[0]).H
-                # GPTQ treats rows independently given H: one solve per chunk of the group.
-                for chunk in _row_chunks(group, names):
-                    lins = [names[n] for n in chunk]
-                    W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
-                    res, info = gptq(W, H, config.weights, config.gptq, config.clip)
-                    row = 0
-                    for n, lin in zip(chunk, lins):
-                        part = res.rows(row, row + lin.out_features)
-                        row += lin.out_features
-                        stats[prefix + n] = {"rel_err": part.rel_err(lin.weight.data, config.weights.group_size),
-                                             "damp": info["damp"]}
-                        set_module(layer, n, QuantLinear.from_quantized(lin, part.q, part.scale, part.zero,
-                                                                        config.weights, part.g_idx))
-        if config.gptq.true_sequential:
-            block["groups"] = len(groups)
-    else:
-        for n, lin in names.items():
-            res = rtn(lin.weight.data, config.weights, config.clip)
-            stats[prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size)}
-            set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
+    work = LayerWork(layer, prefix, names, inputs, kwargs, config, arch, reference_keep(config.steps, REF_BATCHES),
+                     index, progress)
+    run_steps(work, config.steps)
+    stats, block, ref = work.stats, work.block, work.ref
     routed = expert_token_counts(layer)
     if routed:
         block["expert_tokens"] = routed
@@ -226,49 +185,10 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
         outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
     # that update: the residual itself would hide the error. Over the first REF_BATCHES.
-    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs, ref))
-    den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref, inputs))
+    num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs[:REF_BATCHES], ref))
+    den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref[:REF_BATCHES], inputs))
     block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))
     return outs, stats, block
-
-
-def _row_chunks(group: list[str], names: dict, max_rows: int = 8192) -> list[list[str]]:
-    """Split a group of Linears into runs of at most `max_rows` output rows (at least
-    one Linear each), so a solve over many MoE experts stays bounded in memory."""
-    chunks, rows = [[]], 0
-    for n in group:
-        if chunks[-1] and rows + names[n].out_features > max_rows:
-            chunks.append([])
-            rows = 0
-        chunks[-1].append(n)
-        rows += names[n].out_features
-    return chunks
-
-
-@torch.no_grad()
-def _input_groups(layer, names: dict, x, kwargs: dict) -> list[list[str]]:
-    """The Linears of `names` grouped by the input tensor they read, in the order the
-    forward pass first uses them (one pass on one sample). References to the inputs
-    are held during the pass, so two groups cannot share a recycled buffer."""
-    seen: list = []  # (input tensor, [names])
-
-    def record(n, x):
-        group = next((g for t, g in seen if t is x), None)
-        if group is None:
-            seen.append((x, [n]))
-        else:
-            group.append(n)
-
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: record(n, a[0])) for n, m in names.items()]
-    try:
-        with calibrating_all_experts(layer):
-            layer(x, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    groups = [g for _, g in seen]
-    missing = [n for n in names if not any(n in g for g in groups)]
-    return groups + ([missing] if missing else [])
 
 
 def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state: dict) -> None:

@@ -196,7 +196,8 @@ def test_true_sequential_groups_linears_in_forward_order():
 
 
 def test_input_groups_are_the_forward_order():
-    from llmzip.sequential import _input_groups, capture_inputs
+    from llmzip.sequential import capture_inputs
+    from llmzip.steps.gptq import input_groups as _input_groups
 
     model = tiny_llama(dtype=torch.float32)
     layer = model.model.layers[0]
@@ -258,7 +259,7 @@ def test_stacked_rows_solve_like_separate_layers():
 
 
 def test_row_chunks_bound_rows_and_keep_order():
-    from llmzip.sequential import _row_chunks
+    from llmzip.steps.gptq import row_chunks as _row_chunks
 
     names = {n: torch.nn.Linear(4, rows) for n, rows in [("a", 5000), ("b", 3000), ("c", 300), ("d", 9000)]}
     assert _row_chunks(list(names), names) == [["a", "b"], ["c"], ["d"]]

@@ -1,4 +1,4 @@
-"""--resume: a GPTQ run killed mid-way continues and gives a bit-identical checkpoint."""
+"""--resume: a GPTQ or SignRound run killed mid-way continues and gives a bit-identical checkpoint."""
 
 import json
 import os
@@ -16,6 +16,7 @@ import llmzip
 from llmzip import QuantConfig, WeightScheme
 from llmzip.api import work_dir
 from llmzip.calibration import CalibConfig
+from llmzip.config import SignRoundSettings
 
 LAYERS = 8
 
@@ -32,8 +33,14 @@ def small_model_dir(smollm2_dir, tmp_path_factory):
     return d
 
 
-def _cmd(model_dir, out, *extra):
-    return [sys.executable, "-m", "llmzip", "quantize", str(model_dir), "--method", "gptq", "--bits", "4",
+METHODS = {  # method: (QuantConfig keywords, the same settings as CLI options)
+    "gptq": ({}, []),
+    "signround": ({"signround": SignRoundSettings(iters=3, batch=2)}, ["--iters", "3", "--signround-batch", "2"]),
+}
+
+
+def _cmd(model_dir, out, *extra, method="gptq"):
+    return [sys.executable, "-m", "llmzip", "quantize", str(model_dir), "--method", method, "--bits", "4",
             "--group-size", "64", "--samples", "16", "--seq-len", "128", "-o", str(out), *extra]
 
 
@@ -41,15 +48,17 @@ def _tensors(out):
     return load_file(out / "model.safetensors")
 
 
-def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path, method):
+    settings, options = METHODS[method]
     full = tmp_path / "full"
-    llmzip.quantize(str(small_model_dir), QuantConfig(method="gptq", weights=WeightScheme(4, 64)),
+    llmzip.quantize(str(small_model_dir), QuantConfig(method=method, weights=WeightScheme(4, 64), **settings),
                     output_dir=full, calib=CalibConfig(samples=16, seq_len=128), progress=False)
     assert not work_dir(full).exists()  # progress is removed once the checkpoint is complete
 
     out = tmp_path / "resumed"
     progress = work_dir(out) / "progress.json"
-    proc = subprocess.Popen(_cmd(small_model_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(small_model_dir, out, *options, method=method), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if progress.is_file() and json.loads(progress.read_text())["done"] >= 2:
@@ -60,7 +69,7 @@ def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path):
     done = json.loads(progress.read_text())["done"]
     assert 2 <= done < LAYERS and not out.exists()  # no checkpoint that looks complete
 
-    r = subprocess.run(_cmd(small_model_dir, out, "--resume"), capture_output=True, text=True)
+    r = subprocess.run(_cmd(small_model_dir, out, *options, "--resume", method=method), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"resume: {done} of {LAYERS} layers restored" in r.stderr
     a, b = _tensors(full), _tensors(out)

@@ -1,0 +1,43 @@
+"""--recipe presets and the step registry behind --method."""
+
+import pytest
+
+from llmzip.cli import build_parser
+from llmzip.config import METHODS, ROUNDERS, SMOOTHERS, ConfigError, recipe_steps
+from llmzip.recipes import apply_recipe
+from llmzip.steps import STEPS
+
+
+def _args(*extra):
+    args = build_parser().parse_args(["quantize", "m", "-o", "out", *extra])
+    apply_recipe(args)
+    return args
+
+
+def test_every_method_is_a_list_of_registered_steps():
+    assert set(STEPS) == set(SMOOTHERS + ROUNDERS)
+    for method in METHODS[1:]:
+        assert all(s in STEPS for s in recipe_steps(method)), method
+    assert recipe_steps("awq") == ("awq", "rtn") and recipe_steps("awq+gptq") == ("awq", "gptq")
+
+
+def test_recipes_fill_method_and_settings():
+    assert _args().method == "rtn"
+    assert _args("--recipe", "fast").method == "rtn"
+    default = _args("--recipe", "default")
+    assert (default.method, default.act_order) == ("gptq", True)
+    best = _args("--recipe", "best", "--iters", "7")
+    assert (best.method, best.iters) == ("signround", 7)  # an explicit option wins over the recipe
+
+
+def test_recipe_and_method_together_is_a_clear_error():
+    with pytest.raises(ConfigError, match="drop --method"):
+        _args("--recipe", "fast", "--method", "gptq")
+
+
+def test_clip_search_with_signround_is_a_clear_error():
+    from llmzip.config import ClipSearch, QuantConfig
+
+    with pytest.raises(ConfigError, match="drop --clip-search"):
+        QuantConfig(method="signround", clip=ClipSearch())
+    assert QuantConfig(method="signround").clip is None
