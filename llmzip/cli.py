@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: each checkpoint's)")
     c.add_argument("--json", action="store_true", help="print report.json's summary as the last line")
 
+    cv = sub.add_parser("convert", help="rewrite an AutoGPTQ/GPTQModel or AutoAWQ (GEMM) checkpoint as compressed-tensors",
+                        description="Read a quant_method gptq or awq checkpoint and write it as compressed-tensors "
+                                    "pack-quantized, bit-exact in the dequantized weights.")
+    cv.add_argument("model", help="GPTQ or AWQ checkpoint directory")
+    cv.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+
     i = sub.add_parser("info", help="size report of a checkpoint")
     i.add_argument("path", help="checkpoint directory")
     i.add_argument("--kernels", action="store_true",

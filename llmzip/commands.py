@@ -141,6 +141,14 @@ def compare(args) -> int:
     return EXIT_OK
 
 
+def convert(args) -> int:
+    from .convert import convert as run
+
+    out = run(args.model, args.output)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def info(args) -> int:
     from .info import format_kernel_report, format_report, kernel_report, size_report
 
