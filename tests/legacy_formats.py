@@ -101,9 +101,10 @@ def write_legacy(model, out: Path, method: str, bits: int, group: int, sym: bool
         if lin.bias is not None:
             state[f"{name}.bias"] = lin.bias.data.half()
     quantized = {n.rsplit(".", 1)[0] for n in state}
+    tied = getattr(model.config, "tie_word_embeddings", False)
     for k, v in model.state_dict().items():
-        if k.rsplit(".", 1)[0] not in quantized:
-            state[k] = v.contiguous()
+        if k.rsplit(".", 1)[0] not in quantized and not (tied and k == "lm_head.weight"):
+            state[k] = v.contiguous().clone()
     save_file(state, str(out / "model.safetensors"))
     model.config.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())

@@ -167,3 +167,41 @@ def test_info_reports_legacy_bits_per_weight(tmp_path):
     _make(tmp_path, "awq-w4g32")
     # 4-bit codes + an fp16 scale and a 4-bit zero per 32 weights = 4 + 16/32 + 4/32
     assert size_report(tmp_path / "awq-w4g32")["bits_per_weight"] == pytest.approx(4.625, abs=1e-3)
+
+
+PPL_REL_TOL = 1e-3  # the same fp16 weights; only the matmul kernels differ (CPU int4 vs dense)
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_and_awq_through_the_cli(smollm2_dir, tmp_path):
+    """eval ppl and eval kld read a GPTQ and an AWQ SmolLM2 as they read its dense fp16
+    reference; convert's output gives the same perplexity."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "llmzip", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    for method in ("gptq", "awq"):
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float16)
+        write_legacy(model, tmp_path / method, method, 4, 64, desc_act=method == "gptq")
+        tok.save_pretrained(tmp_path / method)
+        model.save_pretrained(tmp_path / f"{method}-dense")  # the dense fp16 reference
+        tok.save_pretrained(tmp_path / f"{method}-dense")
+        convert(tmp_path / method, tmp_path / f"{method}-ct")
+        ppl = {k: cli("eval", "ppl", str(tmp_path / k), "--max-windows", "1", "--ctx", "512", "--json")["ppl"]
+               for k in (method, f"{method}-dense", f"{method}-ct")}
+        assert ppl[method] == pytest.approx(ppl[f"{method}-dense"], rel=PPL_REL_TOL)
+        assert ppl[f"{method}-ct"] == ppl[method]
+        kld = cli("eval", "kld", str(tmp_path / f"{method}-dense"), str(tmp_path / method), "--max-windows", "1",
+                  "--ctx", "512", "--json")
+        assert kld["mean_kld"] < KLD_MAX and kld["top1_agreement"] > TOP1_MIN
+
+
+KLD_MAX = 1e-3  # legacy checkpoint vs its own dense weights: kernel rounding only
+TOP1_MIN = 0.99
