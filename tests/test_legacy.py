@@ -205,3 +205,30 @@ def test_smollm2_gptq_and_awq_through_the_cli(smollm2_dir, tmp_path):
 
 KLD_MAX = 1e-3  # legacy checkpoint vs its own dense weights: kernel rounding only
 TOP1_MIN = 0.99
+
+
+class _Tok:
+    """Enough of a tokenizer for the serving engine: ids -> text, no EOS."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.mark.parametrize("case", ["gptq-w4g32-desc-act", "awq-w4g32"])
+def test_serve_engine_runs_legacy_checkpoints(tmp_path, case):
+    """`llmzip serve` loads through the same llmzip.load; its engine's greedy tokens equal generate's."""
+    from llmzip.serve.engine import Engine, EngineConfig
+    from llmzip.serve.sampling import SamplingParams
+
+    _, _, path = _make(tmp_path, case)
+    model = load(path, dtype=torch.float32)
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
+    prompt, n = list(range(5, 17)), 8
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    engine, events = Engine(model, _Tok(), EngineConfig(max_num_seqs=2, max_model_len=64)), []
+    engine.submit(prompt, SamplingParams(max_tokens=n, temperature=0), events.append)
+    engine.run_until_done()
+    assert [t for e in events for t in e.tokens] == want
