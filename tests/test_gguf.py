@@ -192,3 +192,18 @@ def test_export_refuses_group_64_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path / "q"), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
     assert "nearest: Q4_0 with --bits 4 --group-size 32" in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_quantize_format_gguf_writes_the_file_and_no_directory(tmp_path, smollm2_tokenizer):
+    tok, _ = smollm2_tokenizer
+    model = _smollm2_shaped(layers=1)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    assert main(["quantize", str(tmp_path / "base"), "--bits", "8", "--group-size", "32", "--format", "gguf",
+                 "-o", str(out), "--json"]) == 0
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]  # the staging checkpoint is gone
