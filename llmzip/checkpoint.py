@@ -25,6 +25,7 @@ from torch import nn
 from .config import ConfigError, WeightScheme
 from .errors import UserError
 from .files import check_safetensors, open_safetensors, read_json
+from .legacy import LEGACY_METHODS, LegacyFormatError, import_state
 from .moe import prepare_experts
 from .quant_linear import ACTIVATIONS, QuantLinear, select_kernels, set_activations
 from .surgery import linear_names, set_module
@@ -151,6 +152,8 @@ class LoadedScheme:
     ignore: tuple[str, ...]
 
     def is_ignored(self, name: str) -> bool:
+        if name in self.ignore:
+            return True
         for pattern in self.ignore:
             if pattern.startswith("re:"):
                 if re.match(pattern[3:], name):
@@ -163,7 +166,8 @@ class LoadedScheme:
 def read_scheme(qc: dict) -> LoadedScheme:
     """Parse a compressed-tensors quantization_config we can execute."""
     if qc.get("quant_method") != "compressed-tensors":
-        raise CheckpointError(f"quant_method {qc.get('quant_method')!r} is not compressed-tensors")
+        raise CheckpointError(f"quant_method {qc.get('quant_method')!r} is not supported: llmzip reads "
+                              f"compressed-tensors, {' and '.join(LEGACY_METHODS)}")
     if qc.get("format") != "pack-quantized":
         raise CheckpointError(f"format {qc.get('format')!r} is not supported (need pack-quantized)")
     groups = list(qc.get("config_groups", {}).values())
@@ -187,7 +191,9 @@ def read_scheme(qc: dict) -> LoadedScheme:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          activations: str = "fp16"):
-    """Load an llmzip (or any compatible compressed-tensors) checkpoint.
+    """Load an llmzip (or any compatible compressed-tensors) checkpoint, or an AutoGPTQ /
+    GPTQModel (`quant_method: gptq`) or AutoAWQ GEMM (`quant_method: awq`) one, whose
+    tensors are translated exactly into llmzip's (llmzip.legacy).
 
     Returns the model with QuantLinear modules, in eval mode, on `device`.
     dtype: compute dtype of the unquantized parts (default: the checkpoint's).
@@ -205,7 +211,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     raw = read_json(path / "config.json")
     if "quantization_config" not in raw:
         raise CheckpointError(f"{path} has no quantization_config; load it with transformers")
-    loaded = read_scheme(raw["quantization_config"])
+    qc = raw["quantization_config"]
+    legacy = str(qc.get("quant_method", "")).lower() in LEGACY_METHODS
+    loaded = None if legacy else read_scheme(qc)
     check_safetensors(path)  # a truncated file fails here, before the model is built
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
@@ -215,6 +223,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prepare_experts(model)
+    state = _to_model_keys(model, _read_safetensors(path))
+    if legacy:  # AutoGPTQ / AutoAWQ tensors -> llmzip's, exactly (llmzip.legacy)
+        loaded, state = _import_legacy(model, qc, state, path)
     for name in linear_names(model):
         if loaded.is_ignored(name):
             continue
@@ -224,13 +235,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             act_order=loaded.act_order, dtype=dtype, device="meta",
         )
         set_module(model, name, ql)
-    if raw["quantization_config"].get("kv_cache_scheme"):
+    if qc.get("kv_cache_scheme"):
         from .kv_cache import attention_modules
 
         for attn in attention_modules(model).values():  # placeholders that the checkpoint fills
             for name in ("k_scale", "v_scale"):
                 attn.register_buffer(name, torch.empty(1, dtype=dtype, device="meta"))
-    state = _to_model_keys(model, _read_safetensors(path))
     # assign=True takes the tensors as they are: cast floats (norms, embeddings, scales) first.
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -244,6 +254,19 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     set_activations(model, activations)
     select_kernels(model)  # once, at load: repacking (if the kernel wants it) happens here
     return model
+
+
+def _import_legacy(model: nn.Module, qc: dict, state: dict, path: Path):
+    linears = {}
+    for name in linear_names(model):
+        lin = model.get_submodule(name)
+        linears[name] = (lin.in_features, lin.out_features, lin.bias is not None)
+    try:
+        state, scheme, act_order, quantized = import_state(qc, state, linears)
+    except LegacyFormatError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    ignore = tuple(n for n in linears if n not in set(quantized))
+    return LoadedScheme(scheme, act_order, ignore), state
 
 
 def _to_model_keys(model: nn.Module, state: dict) -> dict:

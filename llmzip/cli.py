@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-cache", default=None, choices=["fp8"],
                    help="also calibrate static FP8 K/V-cache scales on the calibration data and export them "
                         "(compressed-tensors kv_cache_scheme; vLLM --kv-cache-dtype fp8, llmzip serve/eval use them)")
+    q.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
+                   help="output: a compressed-tensors directory, or a GGUF file for llama.cpp (W4 g32 -> Q4_0/Q4_1, "
+                        "W8 g32 sym -> Q8_0; -o names the .gguf file) (default: compressed-tensors)")
     q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the model in (default: auto)")
     q.add_argument("--load-whole-model", action="store_true",
                    help="load the full-precision model into memory first, instead of reading each layer from disk "
@@ -166,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", default="llmzip-report", help="report directory (default: ./llmzip-report)")
     c.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: each checkpoint's)")
     c.add_argument("--json", action="store_true", help="print report.json's summary as the last line")
+
+    x = sub.add_parser("export", help="write a quantized checkpoint in another format (gguf, for llama.cpp)",
+                       description="Write an llmzip (or GPTQ/AWQ) checkpoint as a GGUF file: W4 g32 sym -> Q4_0, "
+                                   "W4 g32 asym -> Q4_1, W8 g32 sym -> Q8_0, with no requantization; other schemes "
+                                   "are refused with the nearest exact one.")
+    x.add_argument("model", help="quantized checkpoint directory")
+    x.add_argument("--format", required=True, choices=["gguf"], help="output format")
+    x.add_argument("-o", "--output", required=True, help="output file (model.gguf)")
+    x.add_argument("--json", action="store_true", help="print the export report as JSON on the last line")
+
+    cv = sub.add_parser("convert", help="rewrite an AutoGPTQ/GPTQModel or AutoAWQ (GEMM) checkpoint as compressed-tensors",
+                        description="Read a quant_method gptq or awq checkpoint and write it as compressed-tensors "
+                                    "pack-quantized, bit-exact in the dequantized weights.")
+    cv.add_argument("model", help="GPTQ or AWQ checkpoint directory")
+    cv.add_argument("-o", "--output", required=True, help="output checkpoint directory")
 
     i = sub.add_parser("info", help="size report of a checkpoint")
     i.add_argument("path", help="checkpoint directory")

@@ -39,12 +39,17 @@ def quantize(args) -> int:
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
         kv_cache=args.kv_cache,
     )
+    output = args.output
+    if args.format == "gguf":  # quantize into a hidden checkpoint next to the file, then export it
+        output = _gguf_staging(config, args.output)
     _, report = run(
-        args.model, config, output_dir=args.output, dtype=_dtype(args.dtype),
+        args.model, config, output_dir=output, dtype=_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
         calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache else None,
         resume=args.resume, lazy=not args.load_whole_model, auto_group_size=auto_group,
     )
+    if args.format == "gguf":
+        return _finish_gguf(output, args)
     from .info import format_report, size_report
 
     size = size_report(report["output_dir"])
@@ -57,6 +62,46 @@ def quantize(args) -> int:
                     "bits_per_weight": size["bits_per_weight"], "ratio_to_bf16": size["ratio_to_bf16"],
                     "tensor_bytes": size["tensor_bytes"], "peak_rss_mib": report["peak_rss_mib"]})
     return EXIT_OK
+
+
+def _gguf_staging(config, output: str) -> Path:
+    from .config import ConfigError
+    from .gguf_blocks import mapping_for
+
+    mapping_for(config.weights)  # an exact GGUF type, or a one-line error before any work
+    if config.kv_cache:
+        raise ConfigError("--kv-cache fp8 scales have no place in a GGUF file; drop --kv-cache with --format gguf")
+    out = Path(output).expanduser().resolve()
+    if out.is_dir():
+        raise ConfigError(f"with --format gguf, -o names a file (model.gguf); {out} is a directory")
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def _finish_gguf(staging: Path, args) -> int:
+    import shutil
+
+    from .gguf_export import export_gguf
+
+    try:
+        report = export_gguf(staging, args.output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _print_export(report, args)
+
+
+def _print_export(report: dict, args) -> int:
+    inexact = f", {report['inexact_blocks']} of {report['blocks']} Q4_1 minima rounded to fp16" \
+        if report["inexact_blocks"] else ""
+    print(f"wrote {report['path']} ({report['type']}, {report['tensors']} tensors{inexact})")
+    if args.json:
+        print_json(report)
+    return EXIT_OK
+
+
+def export(args) -> int:
+    from .gguf_export import export_gguf
+
+    return _print_export(export_gguf(args.model, args.output), args)
 
 
 def _eval_ids(model: str, source: str, ctx: int, stride: int | None = None, max_windows: int | None = None):
@@ -169,6 +214,14 @@ def compare(args) -> int:
         print("llmzip: quality regression: " + "; ".join(f"{r['model']}: {', '.join(r['failures'])}"
                                                         for r in report["rows"] if r["failures"]), file=sys.stderr)
         return EXIT_REGRESSION
+    return EXIT_OK
+
+
+def convert(args) -> int:
+    from .convert import convert as run
+
+    out = run(args.model, args.output)
+    print(f"wrote {out}")
     return EXIT_OK
 
 

@@ -15,6 +15,11 @@ _COMPONENT = {
     "weight_zero_point": "zero points",
     "weight_g_idx": "g_idx",
     "weight_shape": "shapes",
+    # GPTQ / AWQ checkpoints (llmzip.legacy)
+    "qweight": "packed weights",
+    "qzeros": "zero points",
+    "scales": "scales",
+    "g_idx": "g_idx",
 }
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
@@ -29,6 +34,8 @@ def size_report(path: str | Path) -> dict:
     by_component: dict[str, int] = defaultdict(int)
     quant_weights = 0  # elements of quantized weight matrices
     bf16_bytes = 0  # the same tensors, dense, in bf16
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    legacy_bits = (cfg.get("quantization_config") or {}).get("bits")  # GPTQ/AWQ: codes per qweight word
     for f in files:
         with open_safetensors(f) as fh:
             for key in fh.keys():
@@ -40,6 +47,10 @@ def size_report(path: str | Path) -> dict:
                     by_component[_COMPONENT[suffix]] += nbytes
                     if suffix == "weight_shape":
                         n = math.prod(fh.get_tensor(key).tolist())
+                        quant_weights += n
+                        bf16_bytes += 2 * n
+                    elif suffix == "qweight" and legacy_bits:
+                        n = math.prod(shape) * 32 // legacy_bits
                         quant_weights += n
                         bf16_bytes += 2 * n
                 else:
