@@ -34,7 +34,7 @@ def size_report(path: str | Path) -> dict:
     by_component: dict[str, int] = defaultdict(int)
     quant_weights = 0  # elements of quantized weight matrices
     bf16_bytes = 0  # the same tensors, dense, in bf16
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     legacy_bits = (cfg.get("quantization_config") or {}).get("bits")  # GPTQ/AWQ: codes per qweight word
     for f in files:
         with open_safetensors(f) as fh:
