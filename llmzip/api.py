@@ -96,7 +96,8 @@ def quantize(
     methods (gptq) read `calib` (default: CalibConfig(), the built-in "lee" text)
     and need the tokenizer (loaded with the model when `model` is a string); they
     save each finished layer next to `output_dir`, and `resume=True` continues from
-    there after a crash, with a bit-identical result.
+    there after a crash, with a bit-identical result. config.rotate rotates the float
+    model first (in place when `model` is an nn.Module; the whole model is loaded).
     lazy (when `model` is a name): read weights from disk layer by layer as they are
     quantized, so the full-precision model never sits in memory (llmzip.lazy); False
     loads the whole model first. Both give bit-identical checkpoints.
@@ -117,10 +118,17 @@ def quantize(
             )
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     weights = None
-    if isinstance(model, str) and lazy:
+    if isinstance(model, str) and lazy and not config.rotate:  # a rotation touches every weight at once
         model, tokenizer, weights = load_lazy_pretrained(model, dtype, config.method in CALIBRATED, trust_remote_code)
     elif isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    rotation = None
+    if config.rotate:
+        from .rotation import rotate_model
+
+        rotation = rotate_model(model, config.rotate_seed)
+        log.info("rotation: %s of the residual stream (%s), head_dim %d%s", rotation["kind"],
+                 rotation["construction"], rotation["head_dim"], ", LM head untied" if rotation["untied"] else "")
     experts = prepare_experts(model)  # fused MoE experts -> one Linear per expert projection
     if experts:
         log.info("mixture of experts: %d expert blocks split into per-expert Linears", len(experts))
@@ -144,6 +152,7 @@ def quantize(
             "source": str(source),
             "versions": versions(),
             "calibration": calib_meta,  # None for RTN, which uses no data
+            "rotation": rotation,
             "kv_cache": {"dtype": "fp8", "scales": report["kv_scales"]} if config.kv_cache else None,
             "layers": report["layers"],
             "blocks": report.get("blocks"),

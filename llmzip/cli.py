@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SignRound: calibration samples per step (default: 8, AutoRound's recipe)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
+    q.add_argument("--rotate", default=None, choices=["hadamard"],
+                   help="fold a seeded random Hadamard rotation of the residual stream and of each head's values "
+                        "into the float weights first (same function, fewer weight outliers; plain checkpoint)")
+    q.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate's random signs (default: 0)")
     q.add_argument("--kv-cache", default=None, choices=["fp8"],
                    help="also calibrate static FP8 K/V-cache scales on the calibration data and export them "
                         "(compressed-tensors kv_cache_scheme; vLLM --kv-cache-dtype fp8, llmzip serve/eval use them)")

@@ -38,6 +38,8 @@ def quantize(args) -> int:
         clip=ClipSearch(grid=args.clip_grid) if clip else None,
         ignore=tuple(args.ignore) if args.ignore else DEFAULT_IGNORE,
         kv_cache=args.kv_cache,
+        rotate=args.rotate,
+        rotate_seed=args.rotate_seed,
     )
     output = args.output
     if args.format == "gguf":  # quantize into a hidden checkpoint next to the file, then export it

@@ -220,6 +220,9 @@ class QuantConfig:
         AWQ methods (AWQ runs its own output-aware clip search, `AWQSettings.clip`).
     ignore: regexes (re.search on the module name) of Linears kept in full precision.
         Embeddings are never quantized (they are not Linear layers).
+    rotate: None, or "hadamard": fold a seeded random Hadamard rotation (rotate_seed) of
+        the residual stream and of each head's values into the float weights before
+        quantizing (llmzip.rotation); the model computes the same function.
     """
 
     method: str = "rtn"
@@ -230,8 +233,12 @@ class QuantConfig:
     awq: AWQSettings = field(default_factory=AWQSettings)
     signround: SignRoundSettings = field(default_factory=SignRoundSettings)
     kv_cache: str | None = None  # "fp8": calibrate static FP8 K/V scales and export them
+    rotate: str | None = None  # "hadamard": rotate the float model first (llmzip.rotation)
+    rotate_seed: int = 0
 
     def __post_init__(self):
+        if self.rotate not in (None, "hadamard"):
+            raise ConfigError(f"rotate {self.rotate!r} is not available: use 'hadamard' or leave it out")
         if self.kv_cache not in (None, "fp8"):
             raise ConfigError(f"kv_cache {self.kv_cache!r}: the only calibrated KV cache scheme is 'fp8' "
                               "(int8/int4 caches are dynamic and need no calibration)")
@@ -287,4 +294,6 @@ class QuantConfig:
             awq=AWQSettings(**d.get("awq", {})),
             signround=SignRoundSettings(**d.get("signround", {})),
             kv_cache=d.get("kv_cache"),
+            rotate=d.get("rotate"),
+            rotate_seed=d.get("rotate_seed", 0),
         )
