@@ -62,3 +62,18 @@ def tiny_llama(seed: int = 0, dtype=torch.bfloat16, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(LlamaConfig(**kw), dtype=dtype).eval()
+
+
+def run_cli(*argv) -> int:
+    """`llmzip.cli.main(argv)` in-process; the log handlers it adds are removed again."""
+    import logging
+
+    from llmzip.cli import main
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        for h in root.handlers[len(before):]:
+            root.removeHandler(h)

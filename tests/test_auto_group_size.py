@@ -15,7 +15,7 @@ from llmzip.api import AUTO_GROUP_SIZES, fit_group_size
 from llmzip.cli import EXIT_BAD_INPUT, main
 from llmzip.config import ConfigError
 
-from conftest import tiny_llama
+from conftest import run_cli, tiny_llama
 
 DEFAULT_GROUP = 128  # QuantConfig's (and --group-size auto's first choice)
 
@@ -73,16 +73,6 @@ def model96(smollm2_dir, tmp_path_factory):
     tiny(96, 192).save_pretrained(d)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
     return d
-
-
-def run_cli(*argv) -> int:
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        for h in root.handlers[len(before):]:
-            root.removeHandler(h)
 
 
 def test_cli_default_picks_a_fitting_group_and_logs_it_once(model96, tmp_path, caplog):

@@ -5,7 +5,6 @@ bad data / options, and runs `llmzip.cli.main` in this process (fast: no re-impo
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import torch
 
 import llmzip.api
 import llmzip.commands
-from llmzip.cli import EXIT_BAD_INPUT, main
+from llmzip.cli import EXIT_BAD_INPUT
 
-from conftest import tiny_llama
+from conftest import run_cli, tiny_llama
 
 HIDDEN = 96  # 128 does not divide it, 32 does (like SmolLM2's 576, which 64 divides)
 ERROR_LINES = 1  # what stderr may hold for bad input
@@ -60,16 +59,6 @@ SAFETENSORS_BREAKS = {
     "bad header": lambda src: (16).to_bytes(8, "little") + b'{"a": garbage!!}',
 }
 CONFIG_BREAKS = {"not json": b"{not json", "empty": b""}
-
-
-def run_cli(*argv) -> int:
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        for h in root.handlers[len(before):]:
-            root.removeHandler(h)
 
 
 def assert_one_line_error(capsys, rc: int, *needles: str) -> str:
