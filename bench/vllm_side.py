@@ -10,8 +10,13 @@ Used by bench/vllm_load.py, one process per checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
+
+# The engine in this process, so that an error raised in the model's forward (rather than
+# "engine core failed to start") is what gets recorded.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main() -> None:

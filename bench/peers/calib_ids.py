@@ -9,9 +9,21 @@ then says whether the rows the model saw are exactly the file's rows.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 
 import numpy as np
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The calibrated peer scripts' common arguments: model, out, --calib, --bits, --group-size."""
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--calib", required=True, help="int64 .npy [samples, seq_len] written by the driver")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    return p
 
 
 def digest(ids: np.ndarray) -> str:

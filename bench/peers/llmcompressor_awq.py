@@ -10,7 +10,6 @@ pinning off (a no-op without a GPU, where no copy happens) and changes nothing e
 Prints one JSON line: {"seconds": quantize + save, excluding model load, "version", "calibration"}.
 """
 
-import argparse
 import json
 import time
 from importlib.metadata import version
@@ -29,12 +28,7 @@ if not torch.cuda.is_available():
 
     IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
 
-p = argparse.ArgumentParser()
-p.add_argument("model")
-p.add_argument("out")
-p.add_argument("--calib", required=True, help="int64 .npy [samples, seq_len] written by the driver")
-p.add_argument("--bits", type=int, default=4)
-p.add_argument("--group-size", type=int, default=64)
+p = calib_ids.arguments()
 a = p.parse_args()
 
 ids, _ = calib_ids.load(a.calib)

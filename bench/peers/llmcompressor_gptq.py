@@ -10,7 +10,6 @@ Prints one JSON line: {"seconds": quantize + save, excluding model load, "versio
 what the model's embedding actually saw, see calib_ids.Recorder}.
 """
 
-import argparse
 import json
 import time
 from importlib.metadata import version
@@ -23,12 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import calib_ids
 
-p = argparse.ArgumentParser()
-p.add_argument("model")
-p.add_argument("out")
-p.add_argument("--calib", required=True, help="int64 .npy [samples, seq_len] written by the driver")
-p.add_argument("--bits", type=int, default=4)
-p.add_argument("--group-size", type=int, default=64)
+p = calib_ids.arguments()
 p.add_argument("--actorder", choices=["weight"], default=None)
 a = p.parse_args()
 
