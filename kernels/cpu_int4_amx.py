@@ -12,6 +12,9 @@ $LLMZIP_CACHE/kernels/ (about a second), keyed by the source and the compiler, a
 with ctypes, which releases the GIL during the call as a torch op does. `available()` is
 False (and cpu_int4 keeps torch's int4 matmul) where the CPU or the OS lacks AMX-BF16, the
 platform is not x86-64 Linux, no compiler is found, or LLMZIP_NATIVE=0 is set.
+
+Registry entry `cpu_int4_amx` (bf16 activations only; cpu_int4 sends it every bf16 call
+where it runs, whatever the number of rows).
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from llmzip.paths import cache_dir
+
+from . import cpu_codes
+from .base import Kernel, LayerSpec
 
 log = logging.getLogger("llmzip.kernels")
 
@@ -39,8 +48,6 @@ GROUP_MULTIPLE = 32  # k per tile product: groups must be whole tiles
 
 def build(cc: str) -> Path:
     """Compile the kernel (once per source and compiler) and return the shared library's path."""
-    from llmzip.models import cache_dir
-
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
@@ -110,19 +117,63 @@ def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return v.permute(0, 2, 1, 4, 3).reshape(N, K)
 
 
-def prepare(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> dict:
+@dataclass(frozen=True)
+class AmxState:
+    """The codes in the kernel's layout (`pack`); w = (u - offset) * scale per group."""
+
+    packed: torch.Tensor  # uint8 [N * K / 2]
+    scale: torch.Tensor  # fp32 [n_groups, N]
+    offset: torch.Tensor  # fp32 [n_groups, N]
+    group: int
+    N: int
+    K: int
+    perm: torch.Tensor | None = None  # act-order column order, applied to x
+
+
+def prepare(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+            perm: torch.Tensor | None = None) -> AmxState:
     """u [N, K] codes 0..15; scale, offset [N, K / group]: w = (u - offset) * scale."""
-    return {"packed": pack(u), "scale": scale.t().float().contiguous(), "offset": offset.t().float().contiguous(),
-            "group": group, "N": u.shape[0], "K": u.shape[1]}
+    return AmxState(pack(u), scale.t().float().contiguous(), offset.t().float().contiguous(), group,
+                    u.shape[0], u.shape[1], perm)
 
 
-def linear(x2: torch.Tensor, c: dict) -> torch.Tensor:
+def from_codes(codes: cpu_codes.Codes) -> AmxState:
+    return prepare((codes.q + 8).to(torch.uint8), codes.scale, codes.z + 8, codes.group, codes.perm)
+
+
+def linear(x2: torch.Tensor, c: AmxState) -> torch.Tensor:
     """x2 [M, K] bf16 -> [M, N] bf16 (the caller checks `available()`)."""
     x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], c["N"], dtype=torch.bfloat16)
-    rc = library().llmzip_int4_linear_amx(x2.data_ptr(), x2.shape[0], c["K"], c["N"], c["group"],
-                                          c["packed"].data_ptr(), c["scale"].data_ptr(), c["offset"].data_ptr(),
+    y = torch.empty(x2.shape[0], c.N, dtype=torch.bfloat16)
+    rc = library().llmzip_int4_linear_amx(x2.data_ptr(), x2.shape[0], c.K, c.N, c.group,
+                                          c.packed.data_ptr(), c.scale.data_ptr(), c.offset.data_ptr(),
                                           y.data_ptr())
     if rc:
         raise MemoryError("the AMX int4 kernel could not allocate its row sums")
     return y
+
+
+def can_implement(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    ok, reason = cpu_codes.can_implement(spec, device)
+    if not ok:
+        return False, reason
+    if not runs(spec.out_features, spec.in_features, spec.group_size or spec.in_features):
+        return False, (f"needs AMX-BF16 (available here: {available()}), out_features % {BLOCK_N} == 0 "
+                       f"and groups of {GROUP_MULTIPLE}k columns")
+    return True, "AMX tile matmul on packed nibbles (cpu_int4_amx.c), bf16 activations, any rows"
+
+
+def prepare_layer(module) -> AmxState:
+    return from_codes(cpu_codes.read_codes(module))
+
+
+def layer_linear(x: torch.Tensor, module, state: AmxState) -> torch.Tensor:
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the AMX int4 kernel takes bf16 activations, not {x.dtype} (cpu_int4 routes others)")
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if state.perm is not None:
+        x2 = x2[:, state.perm]
+    return cpu_codes.apply_bias_and_shape(linear(x2, state), x, module)
+
+
+ENTRY = Kernel("cpu_int4_amx", can_implement, prepare_layer, layer_linear)

@@ -6,11 +6,15 @@ that runs anywhere torch runs. It materialises one layer's weight per call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from llmzip.packing import unpack_int32
 from llmzip.primitives import dequantize
+
+from .base import Kernel, LayerSpec
 
 
 CHUNK_ELEMS = 1 << 20  # weights above 2x this are dequantized in blocks of about this many
@@ -65,7 +69,7 @@ def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def linear(x: torch.Tensor, module) -> torch.Tensor:
+def linear(x: torch.Tensor, module, state: ReferenceState | None = None) -> torch.Tensor:
     """y = x @ W^T + b with W dequantized from `module`'s packed tensors. A module with
     FP8 activations (`module.activations == "fp8"`) first rounds x per token through e4m3:
     the CPU emulation of the W4A8 kernel's numerics."""
@@ -74,6 +78,24 @@ def linear(x: torch.Tensor, module) -> torch.Tensor:
 
         x = fake_quantize_rows(x)
     return F.linear(x, dense_weight(module, x.dtype), module.bias)
+
+
+@dataclass(frozen=True)
+class ReferenceState:
+    """The reference derives nothing from the layer: it dequantizes on every call."""
+
+
+def prepare(module) -> ReferenceState:
+    return ReferenceState()
+
+
+def can_implement(spec: LayerSpec, device: torch.device) -> tuple[bool, str]:
+    if spec.activations == "fp8":
+        return True, "plain torch: per-token e4m3 activations emulated, dequantize then matmul, any device"
+    return True, "plain torch: dequantize then matmul, any device"
+
+
+ENTRY = Kernel("reference", can_implement, prepare, linear)
 
 
 def act_order_permutation(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:

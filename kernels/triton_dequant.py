@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from .triton_qmm import Repacked, round_bf16, slot_bits, triton, unpack_codes
+from .triton_layout import Repacked, slot_bits
+from .triton_qmm import round_bf16, triton, unpack_codes
 
 if triton is not None:
     import triton.language as tl

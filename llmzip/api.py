@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .algorithms import rtn
-from .checkpoint import check_output_dir, quantization_config, save
+from .checkpoint import check_output_dir, checkpoint_names, quantization_config, save
 from .calibration import CalibConfig, calibration_ids
 from .config import CALIBRATED, ConfigError, QuantConfig
 from .models import load_lazy_pretrained, load_pretrained
@@ -64,12 +64,13 @@ def quantize_model(model: nn.Module, config: QuantConfig, progress: bool = True,
         if lazy is not None:
             lazy.materialize(lin, name + ".")
         w = lin.weight.data.to(device)
-        res = rtn(w, config.weights, config.clip)
-        layers[name] = {"rel_err": res.rel_err(w, config.weights.group_size)}
+        scheme = config.scheme_for(name)
+        res = rtn(w, scheme, config.clip)
+        layers[name] = {"rel_err": res.rel_err(w, scheme.group_size)}
         home = lin.weight.device
         zero = None if res.zero is None else res.zero.to(home)
         set_module(model, name, QuantLinear.from_quantized(lin, res.q.to(home), res.scale.to(home), zero,
-                                                           config.weights, res.g_idx))
+                                                           scheme, res.g_idx))
         del lin, w
     if lazy is not None:
         lazy.materialize(model, "")  # what no Linear loop touched (ignored Linears)
@@ -118,7 +119,8 @@ def quantize(
             )
     source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     weights = None
-    if isinstance(model, str) and lazy and not config.rotate:  # a rotation touches every weight at once
+    # a rotation touches every weight at once; the sensitivity pass of --avg-bits runs the float model
+    if isinstance(model, str) and lazy and not config.rotate and config.avg_bits is None:
         model, tokenizer, weights = load_lazy_pretrained(model, dtype, config.method in CALIBRATED, trust_remote_code)
     elif isinstance(model, str):
         model, tokenizer = load_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -134,7 +136,9 @@ def quantize(
         log.info("mixture of experts: %d expert blocks split into per-expert Linears", len(experts))
     if auto_group_size:
         config = fit_group_size(model, config)
-    calib_meta = None
+    calib_meta, mixed = None, None
+    if config.avg_bits is not None and not config.schemes:  # schemes given: already allocated
+        config, mixed, calib_meta = _allocate_bits(model, tokenizer, config, calib or CalibConfig(), device, progress)
     if config.method in CALIBRATED:
         report, calib_meta = _calibrated(model, tokenizer, config, calib or CalibConfig(), device, progress,
                                          output_dir, resume, weights)
@@ -142,6 +146,9 @@ def quantize(
         report = quantize_model(model, config, progress=progress, device=device, lazy=weights)
     if config.kv_cache == "fp8":
         calib_meta = _kv_scales(model, tokenizer, calib or CalibConfig(), progress, report) or calib_meta
+    if mixed is not None:
+        report["mixed"] = mixed
+    report["config"] = config
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
     if output_dir is not None:
@@ -153,6 +160,7 @@ def quantize(
             "versions": versions(),
             "calibration": calib_meta,  # None for RTN, which uses no data
             "rotation": rotation,
+            "mixed": mixed,
             "kv_cache": {"dtype": "fp8", "scales": report["kv_scales"]} if config.kv_cache else None,
             "layers": report["layers"],
             "blocks": report.get("blocks"),
@@ -161,7 +169,9 @@ def quantize(
         }
         act = config.uses_gptq and config.gptq.act_order and config.weights.group_size is not None
         qc = quantization_config(config.weights, report["ignored"], "weight" if act else None,
-                                 kv_fp8=config.kv_cache == "fp8")
+                                 kv_fp8=config.kv_cache == "fp8",
+                                 schemes=checkpoint_names(model, {n: config.scheme_for(n) for n in report["quantized"]})
+                                 if config.schemes else None)
         report["output_dir"] = str(save(model, tokenizer, output_dir, qc, metadata))
     checkpoints = report.pop("checkpoints", None)
     if checkpoints is not None:
@@ -194,6 +204,19 @@ def work_dir(output_dir: str | Path) -> Path:
     """Hidden directory next to the output where a calibrated run keeps its progress."""
     out = Path(output_dir).expanduser().resolve()
     return out.parent / f".{out.name}.llmzip-work"
+
+
+def _allocate_bits(model, tokenizer, config, calib: CalibConfig, device, progress):
+    """--avg-bits: measure each unit's sensitivity on the calibration text and allocate
+    widths under the budget (llmzip.mixed). Returns (config with schemes, report, calib metadata)."""
+    from .mixed import mixed_config
+
+    if tokenizer is None:
+        raise ValueError("--avg-bits measures sensitivity on calibration text and needs the tokenizer: pass tokenizer=")
+    quantized, _ = split_targets(model, config)
+    ids, digest = calibration_ids(tokenizer, calib)
+    config, mixed = mixed_config(model, config, ids, quantized, device=device, progress=progress)
+    return config, mixed, {**calib.to_dict(), "digest": digest}
 
 
 def _kv_scales(model, tokenizer, calib: CalibConfig, progress: bool, report: dict) -> dict | None:

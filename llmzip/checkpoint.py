@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,8 @@ from .errors import UserError
 from .files import check_safetensors, open_safetensors, read_json
 from .legacy import LEGACY_METHODS, LegacyFormatError, import_state
 from .moe import prepare_experts
-from .quant_linear import ACTIVATIONS, QuantLinear, select_kernels, set_activations
+from .kernels import registry
+from .quant_linear import ACTIVATIONS, QuantLinear, set_activations
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
@@ -39,26 +40,34 @@ class CheckpointError(UserError):
 
 
 def quantization_config(scheme: WeightScheme, ignored: list[str], actorder: str | None = None,
-                        kv_fp8: bool = False) -> dict:
+                        kv_fp8: bool = False, schemes: dict[str, WeightScheme] | None = None) -> dict:
     """The config.json `quantization_config` block, built with compressed-tensors' own
     schema so that its loaders (transformers, vLLM) read it as they expect.
 
     actorder: None, or "weight" (GPTQ act-order with static, contiguous groups; no
     g_idx). compressed-tensors >= 0.20 no longer accepts "group" (exported g_idx).
     kv_fp8: add the static per-tensor FP8 `kv_cache_scheme` (scales `k_scale`/`v_scale`
-    on each self_attn, see llmzip.kv_cache.attach_fp8_scales)."""
+    on each self_attn, see llmzip.kv_cache.attach_fp8_scales).
+    schemes: mixed precision, {Linear name: WeightScheme} for every quantized Linear:
+    one config group per distinct scheme (narrowest first), whose targets are the exact
+    names of its Linears, so that each Linear matches exactly one group."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    args = QuantizationArgs(
-        num_bits=scheme.bits,
-        type="int",
-        symmetric=scheme.symmetric,
-        strategy=scheme.strategy,
-        group_size=scheme.group_size,
-        actorder=actorder,
-    )
+    def args(s: WeightScheme) -> QuantizationArgs:
+        return QuantizationArgs(num_bits=s.bits, type="int", symmetric=s.symmetric, strategy=s.strategy,
+                                group_size=s.group_size, actorder=actorder)
+
+    if schemes:
+        by_scheme: dict[WeightScheme, list[str]] = {}
+        for name, s in schemes.items():
+            by_scheme.setdefault(s, []).append(name)
+        order = sorted(by_scheme, key=lambda s: (s.bits, s.group_size or 0, s.symmetric))
+        groups = {f"group_{i}": QuantizationScheme(targets=sorted(by_scheme[s]), weights=args(s))
+                  for i, s in enumerate(order)}
+    else:
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args(scheme))}
     qc = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+        config_groups=groups,
         format="pack-quantized",
         quantization_status="compressed",
         ignore=sorted(ignored),
@@ -147,9 +156,21 @@ def save(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict, metada
 
 @dataclass(frozen=True)
 class LoadedScheme:
-    scheme: WeightScheme
+    """scheme: the scheme of a group that targets every Linear (None if none does);
+    targets: (name or "re:" regex, scheme) of groups with explicit targets (mixed
+    precision), which take precedence, as in compressed-tensors' own matching."""
+
+    scheme: WeightScheme | None
     act_order: bool
     ignore: tuple[str, ...]
+    targets: tuple[tuple[str, WeightScheme], ...] = ()
+
+    def scheme_for(self, name: str) -> WeightScheme | None:
+        """The scheme the Linear `name` is stored in, or None when it is not quantized."""
+        for target, s in self.targets:
+            if target == name or (target.startswith("re:") and re.match(target[3:], name)):
+                return s
+        return self.scheme
 
     def is_ignored(self, name: str) -> bool:
         if name in self.ignore:
@@ -171,22 +192,34 @@ def read_scheme(qc: dict) -> LoadedScheme:
     if qc.get("format") != "pack-quantized":
         raise CheckpointError(f"format {qc.get('format')!r} is not supported (need pack-quantized)")
     groups = list(qc.get("config_groups", {}).values())
-    if len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
-        raise CheckpointError("only one config group targeting all Linear layers is supported")
-    w = groups[0]["weights"]
-    if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
-        raise CheckpointError(f"weights {w} are not int group/channel quantization")
-    if groups[0].get("input_activations"):
-        raise CheckpointError("activation quantization is not supported")
-    try:
-        scheme = WeightScheme(
-            bits=w["num_bits"],
-            group_size=w.get("group_size") if w["strategy"] == "group" else None,
-            symmetric=w.get("symmetric", True),
-        )
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-    return LoadedScheme(scheme, w.get("actorder") == "group", tuple(qc.get("ignore", [])))
+    if not groups:
+        raise CheckpointError("quantization_config has no config_groups")
+    default, targets, act_order = None, [], False
+    for group in groups:
+        w = group.get("weights") or {}
+        if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+            raise CheckpointError(f"weights {w} are not int group/channel quantization")
+        if group.get("input_activations"):
+            raise CheckpointError("activation quantization is not supported")
+        try:
+            scheme = WeightScheme(
+                bits=w["num_bits"],
+                group_size=w.get("group_size") if w["strategy"] == "group" else None,
+                symmetric=w.get("symmetric", True),
+            )
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
+        act_order = act_order or w.get("actorder") == "group"
+        for t in group.get("targets", []):
+            if t == "Linear":
+                if default is not None:
+                    raise CheckpointError("two config groups target every Linear layer")
+                default = scheme
+            elif t[:1].isupper() and "." not in t and not t.startswith("re:"):
+                raise CheckpointError(f"config group target {t!r}: llmzip reads 'Linear' or module names")
+            else:
+                targets.append((t, scheme))
+    return LoadedScheme(default, act_order, tuple(qc.get("ignore", [])), tuple(targets))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -195,7 +228,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     GPTQModel (`quant_method: gptq`) or AutoAWQ GEMM (`quant_method: awq`) one, whose
     tensors are translated exactly into llmzip's (llmzip.legacy).
 
-    Returns the model with QuantLinear modules, in eval mode, on `device`.
+    Returns the model with QuantLinear modules, in eval mode, on `device`, each bound to its
+    kernel there (llmzip.kernels.registry.bind: pass the device the model will run on, so
+    that kernels are chosen and prepared once).
     dtype: compute dtype of the unquantized parts (default: the checkpoint's).
     activations: "fp8" (opt-in) quantizes each quantized layer's input per token to e4m3:
     W4A8 on FP8 tensor cores on a GPU that has them, emulated in plain torch elsewhere.
@@ -223,15 +258,19 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     prepare_experts(model)
-    state = _to_model_keys(model, _read_safetensors(path))
+    state = to_model_keys(model, _read_safetensors(path))
     if legacy:  # AutoGPTQ / AutoAWQ tensors -> llmzip's, exactly (llmzip.legacy)
         loaded, state = _import_legacy(model, qc, state, path)
+    elif loaded.targets:  # explicit targets name checkpoint names: map them as the tensors were
+        targets = to_model_keys(model, dict(loaded.targets))
+        loaded = replace(loaded, targets=tuple(targets.items()))
     for name in linear_names(model):
-        if loaded.is_ignored(name):
+        scheme = None if loaded.is_ignored(name) else loaded.scheme_for(name)
+        if scheme is None:
             continue
         lin = model.get_submodule(name)
         ql = QuantLinear(
-            lin.in_features, lin.out_features, loaded.scheme, lin.bias is not None,
+            lin.in_features, lin.out_features, scheme, lin.bias is not None,
             act_order=loaded.act_order, dtype=dtype, device="meta",
         )
         set_module(model, name, ql)
@@ -252,7 +291,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         )
     model = model.to(device).eval()
     set_activations(model, activations)
-    select_kernels(model)  # once, at load: repacking (if the kernel wants it) happens here
+    registry.bind(model)  # once, on the final device: repacking (if the kernel wants it) happens here
     return model
 
 
@@ -269,7 +308,7 @@ def _import_legacy(model: nn.Module, qc: dict, state: dict, path: Path):
     return LoadedScheme(scheme, act_order, ignore), state
 
 
-def _to_model_keys(model: nn.Module, state: dict) -> dict:
+def to_model_keys(model: nn.Module, state: dict) -> dict:
     """Checkpoint names -> module names, by transformers' renamings for this architecture
     (e.g. Mixtral's `block_sparse_moe.` is `mlp.` in transformers >= 5); the inverse of
     what save_pretrained applies. Fusing converters are not applied: llmzip keeps experts
@@ -283,6 +322,27 @@ def _to_model_keys(model: nn.Module, state: dict) -> dict:
     if not renamings:
         return state
     return {apply_renamings(k, renamings): v for k, v in state.items()}
+
+
+def _renamings(model: nn.Module) -> list:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers < 5 stores module names as they are
+        return []
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
+def checkpoint_names(model: nn.Module, names: dict) -> dict:
+    """{module name: v} -> {name in the saved checkpoint: v}: save_pretrained's renamings
+    for this architecture (e.g. Mixtral's `mlp.` is stored as `block_sparse_moe.`), so
+    that config-group targets name what loaders (vLLM, transformers) see."""
+    renamings = [r.reverse_transform() for r in reversed(_renamings(model))]
+    if not renamings:
+        return dict(names)
+    from transformers.core_model_loading import apply_renamings
+
+    return {apply_renamings(k, renamings): v for k, v in names.items()}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

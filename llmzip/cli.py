@@ -10,25 +10,26 @@ of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import traceback
 
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) or fp8 (opt-in W4A8: per-token "
             "e4m3 on FP8 tensor cores on GPUs that have them, emulated in torch elsewhere; default: fp16)")
-# config and recipes are light (dataclasses only): safe to import before parsing
+# config, console, kv_schemes and recipes are light (dataclasses only): safe to import before parsing
+from . import kv_schemes  # noqa: E402
+from .console import (DTYPES, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,  # noqa: E402,F401
+                      EXIT_REGRESSION, print_json)
 from .config import METHODS  # noqa: E402
 from .recipes import RECIPES  # noqa: E402
 
 
-def _dtype(name: str):
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated integers, e.g. 2,3,4,8") from None
 
 
 def _group_size(text: str) -> int | None | str:
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "input features, else the largest of 64/32 that does (logged). An explicit size that "
                         "does not divide a layer is an error (default: auto)")
     q.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    q.add_argument("--avg-bits", type=float, default=None,
+                   help="mixed precision: a budget of bits per quantized weight, scales counted as `llmzip info` "
+                        "counts them (e.g. 3.75); each layer gets one of --bits-choices by its measured "
+                        "sensitivity on the calibration text (--bits is then unused)")
+    q.add_argument("--bits-choices", type=_bits_list, default=(2, 3, 4, 8),
+                   help="widths --avg-bits chooses from, comma-separated (default: 2,3,4,8)")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="search clipped ranges per group (default: on for gptq, where the error is the layer "
                         "output's; off for rtn, where it is the weights'; AWQ methods have their own)")
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold a seeded random Hadamard rotation of the residual stream and of each head's values "
                         "into the float weights first (same function, fewer weight outliers; plain checkpoint)")
     q.add_argument("--rotate-seed", type=int, default=0, help="seed of --rotate's random signs (default: 0)")
-    q.add_argument("--kv-cache", default=None, choices=["fp8"],
+    q.add_argument("--kv-cache-dtype", "--kv-cache", dest="kv_cache", default=None, choices=kv_schemes.CALIBRATED,
                    help="also calibrate static FP8 K/V-cache scales on the calibration data and export them "
                         "(compressed-tensors kv_cache_scheme; vLLM --kv-cache-dtype fp8, llmzip serve/eval use them)")
     q.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"],
@@ -121,14 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")
     ppl.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     ppl.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
-    ppl.add_argument("--kv-cache", default=None, choices=["int8", "int4", "int2", "fp8"],
-                     help="read keys/values back through a quantized KV cache (llmzip/kv_cache.py)")
+    ppl.add_argument("--kv-cache-dtype", "--kv-cache", dest="kv_cache", default=None, choices=kv_schemes.QUANTIZED,
+                     help="read keys/values back through a quantized KV cache (llmzip/kv_cache.py): "
+                          + kv_schemes.choices_help())
     ppl.add_argument("--kv-residual", type=int, default=128,
                      help="int4/int2: newest tokens kept in full precision (default: 128)")
     ppl.add_argument("--kv-group", type=int, default=32,
                      help="int4/int2: tokens per key group / channels per value group (default: 32)")
     ppl.add_argument("--kv-chunk", type=int, default=16,
-                     help="tokens per forward pass with --kv-cache; 1 = token-by-token decoding (default: 16)")
+                     help="tokens per forward pass with --kv-cache-dtype; 1 = token-by-token decoding (default: 16)")
     ppl.add_argument("--activations", default="fp16", choices=["fp16", "fp8"], help=ACT_HELP)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
@@ -209,9 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch (default: 16)")
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence (default: 2048)")
-    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "int2", "fp8"],
-                   help="KV pool storage: model dtype, int8 per token, int4/int2 KIVI (32-token pages, the open "
-                        "page in full precision), or fp8 with calibrated scales (default: auto)")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=kv_schemes.NAMES,
+                   help="KV pool storage (default: auto): " + kv_schemes.choices_help() + " (KIVI: the open page "
+                        "in full precision; fp8: the checkpoint's calibrated scales when it has them)")
     s.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool capacity in tokens (default: max-num-seqs x max-model-len)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
@@ -223,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: run dense bf16 Linears (the LM head; all Linears of an unquantized model) on their "
                         "own weights instead of prepared copies (oneDNN-prepacked bf16, or fp32 on CPUs without "
                         "native bf16 matmuls): less memory, slower decode steps")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run decode steps eagerly instead of replaying them as CUDA graphs (one per "
+                        "batch-size bucket, captured on first use)")
     s.add_argument("--engine", default="llmzip", choices=["llmzip", "vllm"],
                    help="llmzip's engine, or vLLM's OpenAI server on the same checkpoint (optional extra)")
     s.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs to shard over")
@@ -255,10 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("llmzip: internal error (please report it with the traceback above)", file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import EXIT_OK, EXIT_REGRESSION, _dtype, print_json
+from .console import EXIT_OK, EXIT_REGRESSION, print_json, torch_dtype
 from .models import check_same_tokenizer, load_for_eval
 
 log = logging.getLogger("llmzip")
@@ -40,14 +40,16 @@ def quantize(args) -> int:
         kv_cache=args.kv_cache,
         rotate=args.rotate,
         rotate_seed=args.rotate_seed,
+        avg_bits=args.avg_bits,
+        bits_choices=args.bits_choices,
     )
     output = args.output
     if args.format == "gguf":  # quantize into a hidden checkpoint next to the file, then export it
         output = _gguf_staging(config, args.output)
     _, report = run(
-        args.model, config, output_dir=output, dtype=_dtype(args.dtype),
+        args.model, config, output_dir=output, dtype=torch_dtype(args.dtype),
         trust_remote_code=args.trust_remote_code, device=args.device,
-        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache else None,
+        calib=CalibConfig(args.calib, args.samples, args.seq_len, args.seed, args.chat) if args.method != "rtn" or args.kv_cache or args.avg_bits else None,
         resume=args.resume, lazy=not args.load_whole_model, auto_group_size=auto_group,
     )
     if args.format == "gguf":
@@ -70,9 +72,12 @@ def _gguf_staging(config, output: str) -> Path:
     from .config import ConfigError
     from .gguf_blocks import mapping_for
 
+    if config.avg_bits is not None:
+        raise ConfigError("--avg-bits writes layers of several widths, which one GGUF type cannot hold: "
+                          "drop --avg-bits with --format gguf")
     mapping_for(config.weights)  # an exact GGUF type, or a one-line error before any work
     if config.kv_cache:
-        raise ConfigError("--kv-cache fp8 scales have no place in a GGUF file; drop --kv-cache with --format gguf")
+        raise ConfigError("--kv-cache-dtype fp8 scales have no place in a GGUF file; drop --kv-cache-dtype with --format gguf")
     out = Path(output).expanduser().resolve()
     if out.is_dir():
         raise ConfigError(f"with --format gguf, -o names a file (model.gguf); {out} is a directory")
@@ -145,7 +150,7 @@ def eval_ppl(args) -> int:
             kv = KVCacheConfig(args.kv_cache, residual=args.kv_residual, group=args.kv_group)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    model, _ = load_for_eval(args.model, _dtype(args.dtype), tokenizer=tok, activations=args.activations)
+    model, _ = load_for_eval(args.model, torch_dtype(args.dtype), tokenizer=tok, activations=args.activations)
     res = perplexity(model, ids, ctx=args.ctx, stride=args.stride, max_windows=args.max_windows, kv_cache=kv,
                      kv_chunk=args.kv_chunk)
     print(f"ppl {res.ppl:.4f}  ({res.tokens} tokens, {res.windows} windows of {res.ctx}, "
@@ -163,7 +168,7 @@ def eval_tasks(args) -> int:
 
     names = _names(args.tasks)
     check_tasks(names, args.include_path)  # before loading a model
-    model, tok = load_for_eval(args.model, _dtype(args.dtype))
+    model, tok = load_for_eval(args.model, torch_dtype(args.dtype))
     results = run_tasks(model, tok, names, limit=args.limit, batch_size=args.batch_size,
                         include_path=args.include_path)
     for r in results:
@@ -178,8 +183,8 @@ def eval_kld(args) -> int:
     from .eval.kld import kl_divergence
 
     ids, base_tok = _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # before loading
-    base, _ = load_for_eval(args.base, _dtype(args.dtype), tokenizer=base_tok)
-    model, tok = load_for_eval(args.model, _dtype(args.dtype))
+    base, _ = load_for_eval(args.base, torch_dtype(args.dtype), tokenizer=base_tok)
+    model, tok = load_for_eval(args.model, torch_dtype(args.dtype))
     check_same_tokenizer(base_tok, tok, args.base, args.model)
     res = kl_divergence(base, model, ids, ctx=args.ctx, max_windows=args.max_windows)
     print(f"KLD mean {res.mean_kld:.5f}  median {res.median_kld:.5f}  p99 {res.p99_kld:.4f}  "
@@ -202,7 +207,7 @@ def compare(args) -> int:
     _eval_ids(args.base, args.data, args.ctx, max_windows=args.max_windows)  # bad text: refused before any model loads
     report = run(args.base, args.models, args.data, args.ctx, args.max_windows, args.report,
                  Thresholds(max_ppl_increase=inc, max_kld=args.max_kld, max_acc_drop=args.max_acc_drop),
-                 dtype=_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,
+                 dtype=torch_dtype(args.dtype), tasks=tasks, limit=args.limit, batch_size=args.batch_size,
                  include_path=args.include_path)
     print(format_table(report))
     print(f"report: {Path(args.report) / 'report.md'}" + (f" (+ {', '.join(report['plots'])})" if report["plots"] else ""))
@@ -274,13 +279,12 @@ def demo(args) -> int:
 
 def serve(args) -> int:
     from .config import ConfigError
-    from .serve.server import serve as run_server
+    from .serve.server import ServeOptions, serve as run_server
 
-    args.dtype = _dtype(args.dtype)
     for name in ("max_num_seqs", "max_model_len", "max_queue"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        return run_server(args)
+        return run_server(ServeOptions.from_namespace(args, dtype=torch_dtype(args.dtype)))
     except (ValueError, ImportError) as e:  # bad options, or an optional extra not installed
         raise ConfigError(str(e)) from e

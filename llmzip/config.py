@@ -223,6 +223,12 @@ class QuantConfig:
     rotate: None, or "hadamard": fold a seeded random Hadamard rotation (rotate_seed) of
         the residual stream and of each head's values into the float weights before
         quantizing (llmzip.rotation); the model computes the same function.
+    avg_bits: None, or a budget of bits per quantized weight, scales and zero points
+        counted as `llmzip info` counts them: each Linear then gets one of bits_choices
+        (with `weights`' group size and symmetry), allocated by measured sensitivity
+        (llmzip.mixed); the result is stored in `schemes`.
+    schemes: {Linear name: WeightScheme} overriding `weights` for those Linears
+        (scheme_for); filled by the avg_bits allocation, or given explicitly.
     """
 
     method: str = "rtn"
@@ -235,8 +241,20 @@ class QuantConfig:
     kv_cache: str | None = None  # "fp8": calibrate static FP8 K/V scales and export them
     rotate: str | None = None  # "hadamard": rotate the float model first (llmzip.rotation)
     rotate_seed: int = 0
+    avg_bits: float | None = None
+    bits_choices: tuple[int, ...] = (2, 3, 4, 8)
+    schemes: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "bits_choices", tuple(sorted(set(self.bits_choices))))
+        bad = [b for b in self.bits_choices if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS]
+        if bad or not self.bits_choices:
+            raise ConfigError(f"--bits-choices {list(self.bits_choices)}: use integers from {MIN_BITS} to {MAX_BITS}")
+        if self.avg_bits is not None and not self.avg_bits > 0:
+            raise ConfigError(f"--avg-bits {self.avg_bits!r} must be a positive number of bits per weight")
+        for name, s in self.schemes.items():
+            if not isinstance(s, WeightScheme):
+                raise ConfigError(f"schemes[{name!r}] must be a WeightScheme, not {s!r}")
         if self.rotate not in (None, "hadamard"):
             raise ConfigError(f"rotate {self.rotate!r} is not available: use 'hadamard' or leave it out")
         if self.kv_cache not in (None, "fp8"):
@@ -276,6 +294,10 @@ class QuantConfig:
     def uses_gptq(self) -> bool:
         return "gptq" in self.steps
 
+    def scheme_for(self, name: str) -> WeightScheme:
+        """The WeightScheme of the Linear called `name` (full module name)."""
+        return self.schemes.get(name, self.weights)
+
     def is_ignored(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.ignore)
 
@@ -296,4 +318,7 @@ class QuantConfig:
             kv_cache=d.get("kv_cache"),
             rotate=d.get("rotate"),
             rotate_seed=d.get("rotate_seed", 0),
+            avg_bits=d.get("avg_bits"),
+            bits_choices=tuple(d.get("bits_choices", (2, 3, 4, 8))),
+            schemes={n: WeightScheme(**s) for n, s in d.get("schemes", {}).items()},
         )

@@ -71,6 +71,8 @@ def export_gguf(src: str | Path, out_file: str | Path) -> dict:
     model = load(src)
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     first = next(iter(quant.values()))
+    if any(m.scheme != first.scheme for m in quant.values()):
+        raise ConfigError(f"{src} is mixed precision (--avg-bits): GGUF export needs one scheme for every layer")
     mapping = mapping_for(first.scheme, first.act_order)  # refuse before writing anything
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, "llama")

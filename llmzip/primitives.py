@@ -43,10 +43,10 @@ def qparams_from_range(
     tiny = torch.finfo(scale_dtype).tiny * 16
     if scheme.symmetric:
         scale = torch.maximum(_div(hi, scheme.qmax), _div(lo, scheme.qmin))
-        scale = _store(scale.clamp(min=tiny), scale_dtype)
+        scale = round_up_to_dtype(scale.clamp(min=tiny), scale_dtype)
         return scale, None
     span = (1 << scheme.bits) - 1
-    scale = _store(_div(hi - lo, span).clamp(min=tiny), scale_dtype)
+    scale = round_up_to_dtype(_div(hi - lo, span).clamp(min=tiny), scale_dtype)
     s = scale.float()
     zero = torch.round(scheme.qmin - lo / s).clamp(scheme.qmin, scheme.qmax)
     return scale, zero.to(torch.int8)
@@ -60,7 +60,7 @@ def _div(x: torch.Tensor, n: int) -> torch.Tensor:
     return x / torch.tensor(float(n), dtype=x.dtype, device=x.device)
 
 
-def _store(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast the scale to its storage dtype, stepping one ulp up where the cast rounded
     down, so the stored scale still covers [lo, hi] (a bf16 cast can shrink it by 0.4%)."""
     stored = scale.to(dtype)

@@ -9,7 +9,9 @@ plain `load_state_dict(assign=True)`:
   weight_zero_point  int32 [ceil(out*bits/32), n_groups]  asymmetric only
   weight_g_idx       int32 [in]                      act-order only
   bias               [out]                           when the original had one
-The forward pass is delegated to the kernel chosen by llmzip.kernels.registry.
+The forward pass runs the kernel it is bound to: `llmzip.kernels.registry.bind(model)`
+chooses and prepares it once the model is placed (see the registry's docstring: a layer
+called while unbound binds itself once; moving or casting it unbinds it).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import WeightScheme
+from .kernels import registry
+from .kernels.base import KernelLayer, LayerSpec
 from .packing import pack_int32, packed_len
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(nn.Module, KernelLayer):
     def __init__(
         self,
         in_features: int,
@@ -57,11 +61,7 @@ class QuantLinear(nn.Module):
         if act_order:
             self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
-        self._kernel = None
-        self._kernel_device = None
-        self.refused_kernels: dict[str, str] = {}
         self._dense: dict | None = None  # dtype -> dequantized weight, inside cached_dense_weights
-        self.kernel_cache: dict = {}  # what the selected kernel derives from the tensors (e.g. a repacked layout)
         self.activations = "fp16"  # "fp8": per-token e4m3 activations (W4A8), see set_activations
 
     @property
@@ -94,34 +94,32 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(linear.bias.data.to(scale.dtype))
         return m
 
-    @property
-    def kernel_name(self) -> str | None:
-        return None if self._kernel is None else self._kernel.name
-
-    def spec(self):
-        from llmzip.kernels.registry import LayerSpec
-
+    def spec(self) -> LayerSpec:
         s = self.scheme
         return LayerSpec(s.bits, s.group_size, s.symmetric, self.act_order, self.in_features, self.out_features,
                          self.activations)
 
-    def select_kernel(self, device: torch.device):
-        from llmzip.kernels.registry import select_kernel
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "bias")
+        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
 
-        self._kernel, self.refused_kernels = select_kernel(self.spec(), device)
-        self._kernel_device = device
-        self.kernel_cache = {}
-        if self._kernel.prepare is not None and self.weight_packed.device == device:
-            self._kernel.prepare(self)  # e.g. repack into the kernel's layout, once
-        return self._kernel
+    def select_kernel(self, device: torch.device | None = None):
+        """Choose and prepare the kernel again (e.g. after setting $LLMZIP_KERNEL), on the
+        device the layer's tensors are on."""
+        if device is not None and torch.device(device) != self.weight_packed.device:
+            raise registry.WrongDevice(f"this layer's tensors are on {self.weight_packed.device}, not {device}: "
+                                       "move it with .to() first")
+        return registry.bind_layer(self, force=True)
 
     def _apply(self, fn, recurse=True):
-        # .to()/.cuda()/.half(): derived layouts are stale; choose again on the next call.
-        self._kernel, self.kernel_cache = None, {}
-        return super()._apply(fn, recurse)
+        # .to()/.cuda()/.half(): a state derived from tensors that were replaced is stale.
+        out = super()._apply(fn, recurse)
+        if self.kernel is not None and not self.is_bound():
+            self.unbind()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel, self.kernel_cache = None, {}
+        self.unbind()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,9 +130,11 @@ class QuantLinear(nn.Module):
 
                 w = self._dense[x.dtype] = dense_weight(self, x.dtype)
             return F.linear(x, w, self.bias)
-        if self._kernel is None or self._kernel_device != x.device:
-            self.select_kernel(x.device)
-        return self._kernel.linear(x, self)
+        if self.kernel is None:
+            registry.bind_layer(self)  # unbound (quantized in this process, or moved): once
+        if x.device != self.kernel_device:
+            registry.check_device(self, x)
+        return self.kernel.linear(x, self, self.kernel_state)
 
     def extra_repr(self) -> str:
         s = self.scheme
@@ -162,25 +162,11 @@ ACTIVATIONS = ("fp16", "fp8")  # "fp16": the model's 16-bit dtype as is; "fp8": 
 
 
 def set_activations(model: nn.Module, activations: str) -> None:
-    """Run every QuantLinear with `activations` ("fp16" or "fp8"); kernels are chosen again."""
+    """Run every QuantLinear with `activations` ("fp16" or "fp8"); their kernels are chosen
+    again (by `llmzip.kernels.registry.bind`, or on their next call)."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.activations = activations
-            m._kernel, m.kernel_cache = None, {}
-
-
-def select_kernels(model: nn.Module) -> dict[str, dict]:
-    """Choose (and prepare) the kernel of every QuantLinear on the device it lives on.
-    Returns {layer name: {"kernel": name, "refused": {kernel: reason}}}."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.select_kernel(m.weight_packed.device)
-    return kernel_choices(model)
-
-
-def kernel_choices(model: nn.Module) -> dict[str, dict]:
-    """{layer name: {"kernel": name or None, "refused": {kernel: reason}}} as chosen so far."""
-    return {name: {"kernel": m.kernel_name, "refused": dict(m.refused_kernels)}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+            registry.unbind(m)

@@ -195,7 +195,7 @@ def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state
     """Swap in QuantLinear modules for a layer finished in an earlier run and load it."""
     for n, lin in list(layer.named_modules()):
         if prefix + n in targets and isinstance(lin, nn.Linear):
-            ql = QuantLinear(lin.in_features, lin.out_features, config.weights, lin.bias is not None,
+            ql = QuantLinear(lin.in_features, lin.out_features, config.scheme_for(prefix + n), lin.bias is not None,
                              act_order=f"{n}.weight_g_idx" in state, dtype=lin.weight.dtype, device="cpu")
             set_module(layer, n, ql)
     layer.load_state_dict(state, strict=True, assign=True)  # assign: the layer may still be on meta

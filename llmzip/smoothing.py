@@ -119,10 +119,11 @@ def run_keeping_first(run, inputs: list, keep: int | None) -> list:
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config: QuantConfig, arch: Arch,
-              run, keep: int | None = None) -> tuple[list, dict]:
+              run, keep: int | None = None, schemes: dict | None = None) -> tuple[list, dict]:
     """Smooth (and clip) one layer in place. `names`: {relative name: nn.Linear} to be
     quantized; `run(layer, x)` runs the layer on one input. Returns (float outputs
-    before smoothing, of the first `keep` inputs or all, info per mapping)."""
+    before smoothing, of the first `keep` inputs or all, info per mapping). schemes:
+    {relative name: WeightScheme} where a Linear's differs from config.weights."""
     awq = config.awq
     total = sum(x.numel() // x.shape[-1] for x in inputs)
     stats = {n: _Inputs(max(1, math.ceil(total / awq.max_tokens))) for n in names}
@@ -138,7 +139,8 @@ def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config:
             continue
         first = stats[m.balance[0]]
         weights = [layer.get_submodule(b).weight.float() for b in m.balance]
-        s, found = search_scales(first.tokens(), first.absmean(), weights, config.weights, awq.grid)
+        scheme = schemes.get(m.balance[0], config.weights) if schemes else config.weights
+        s, found = search_scales(first.tokens(), first.absmean(), weights, scheme, awq.grid)
         fold_scales(layer, m, s, arch.norm_offset)
         for b in m.balance:
             input_scale[b] = s
@@ -150,6 +152,7 @@ def awq_layer(layer: nn.Module, names: dict, inputs: list, kwargs: dict, config:
             x = stats[n].tokens()[: awq.clip_tokens]
             if n in input_scale:
                 x = x / input_scale[n].to(x.device)
-            ratio = search_clip(x, lin.weight.float(), config.weights, grid=awq.clip_grid)
-            lin.weight.copy_(apply_clip(lin.weight.data, ratio, config.weights.group_size))
+            scheme = schemes.get(n, config.weights) if schemes else config.weights
+            ratio = search_clip(x, lin.weight.float(), scheme, grid=awq.clip_grid)
+            lin.weight.copy_(apply_clip(lin.weight.data, ratio, scheme.group_size))
     return ref, info

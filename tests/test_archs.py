@@ -11,6 +11,8 @@ from llmzip.quant_linear import QuantLinear
 from llmzip.sequential import calibrate_model
 from llmzip.surgery import targets
 
+REL_ERR_MAX = 0.02  # W8 awq+gptq logits vs float, per arch; measured 0.004-0.008
+
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CASES = {  # config, number of AWQ mappings applied per layer (MHA: v->o applies)
@@ -47,4 +49,4 @@ def test_awq_gptq_quantizes_every_linear(name):
         out = model(ids).logits
     # 8-bit, so the error is rounding only (measured 0.004-0.008); a wrong smoothing
     # fold (e.g. ignoring Gemma's 1 + weight norm) would show far above this.
-    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+    assert ((out - ref).norm() / ref.norm()).item() < REL_ERR_MAX

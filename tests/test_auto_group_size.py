@@ -15,7 +15,7 @@ from llmzip.api import AUTO_GROUP_SIZES, fit_group_size
 from llmzip.cli import EXIT_BAD_INPUT, main
 from llmzip.config import ConfigError
 
-from conftest import run_cli, tiny_llama
+from helpers import run_cli, tiny_llama
 
 DEFAULT_GROUP = 128  # QuantConfig's (and --group-size auto's first choice)
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from llmzip import QuantConfig, WeightScheme, load, quantize
@@ -14,6 +14,9 @@ from llmzip.config import ConfigError
 from llmzip.kernels.reference import dequantize_packed
 from llmzip.quant_linear import QuantLinear
 
+W8_REL_ERR_MAX = 0.02  # W8 per-channel logits vs float; measured 0.0106: 1-2% per-layer noise over 14 layers
+W3_REL_ERR_MAX = 0.5  # W3 g32 logits vs float: still a model, not noise
+HF_REL_ERR_MAX = 1e-3  # logits of the export loaded by transformers (compressed-tensors) vs by llmzip
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
@@ -47,8 +50,8 @@ def test_quantized_model_stays_close_to_original():
     ref = _logits(base)
     q8, _ = quantize(tiny_llama(dtype=torch.float32), QuantConfig(weights=WeightScheme(8, None)), progress=False)
     q3, _ = quantize(tiny_llama(dtype=torch.float32), QuantConfig(weights=WeightScheme(3, 32)), progress=False)
-    assert _rel(_logits(q8), ref) < 0.02  # measured 0.0106: 1-2% per-layer noise over 14 layers
-    assert _rel(_logits(q8), ref) < _rel(_logits(q3), ref) < 0.5
+    assert _rel(_logits(q8), ref) < W8_REL_ERR_MAX
+    assert _rel(_logits(q8), ref) < _rel(_logits(q3), ref) < W3_REL_ERR_MAX
 
 
 def test_transformers_loads_export_and_matches(tmp_path, reference_kernel):
@@ -56,7 +59,7 @@ def test_transformers_loads_export_and_matches(tmp_path, reference_kernel):
     model, _ = quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 32, True)), output_dir=tmp_path / "q",
                         progress=False)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert _rel(_logits(hf), _logits(load(tmp_path / "q"))) < 1e-3
+    assert _rel(_logits(hf), _logits(load(tmp_path / "q"))) < HF_REL_ERR_MAX
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
@@ -96,7 +99,7 @@ def test_other_architecture_qwen2_with_bias(tmp_path, reference_kernel):
     assert qmodel.model.layers[0].self_attn.q_proj.bias is not None
     assert torch.equal(_logits(load(tmp_path / "q")), _logits(qmodel))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert _rel(_logits(hf), _logits(qmodel)) < 1e-3
+    assert _rel(_logits(hf), _logits(qmodel)) < HF_REL_ERR_MAX
 
 
 def test_load_never_materialises_dense_weights(tmp_path):

@@ -17,7 +17,7 @@ import llmzip.api
 import llmzip.commands
 from llmzip.cli import EXIT_BAD_INPUT
 
-from conftest import run_cli, tiny_llama
+from helpers import run_cli, tiny_llama
 
 HIDDEN = 96  # 128 does not divide it, 32 does (like SmolLM2's 576, which 64 divides)
 ERROR_LINES = 1  # what stderr may hold for bad input

@@ -5,39 +5,17 @@ import argparse
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import Tok, collect, greedy, model_without_eos, tiny_llama
 
 from llmzip import QuantConfig, WeightScheme, load, quantize
 from llmzip.serve.engine import Engine, EngineConfig, EngineFull, PromptTooLong
 from llmzip.serve.kv_pool import KVPool
 from llmzip.serve.sampling import SamplingParams, sample
 
-
-class Tok:
-    """Enough of a tokenizer for the engine: ids -> text, no EOS."""
-
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f"<{i}>" for i in ids)
-
-
-def model_without_eos():
-    m = tiny_llama(dtype=torch.float32)
-    m.config.eos_token_id = m.generation_config.eos_token_id = None
-    return m
-
-
-def greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def collect(engine, prompt, params):
-    events = []
-    engine.submit(prompt, params, events.append)
-    return events
+POOL_SQNR_MIN_DB = {"int8": 38.0, "fp8": 25.0}  # SQNR (dB) of K/V read back from a quantized pool
+KIVI_SQNR_MIN_DB = {4: 17.0, 2: 5.0}  # by bits, KIVI pool: min/max over 4 tokens (keys) or 4 channels (values)
+LEAN_REL_TOL = 1e-5  # lean forward vs the model's own logits, relative to their max: fp32 rounding
+DECODED_PER_TOKEN_MAX = 8  # detokenizer work (decoded ids) per output id: a short window, not the whole output
 
 
 def test_continuous_batching_with_chunked_prefill_equals_generate():
@@ -71,8 +49,8 @@ def test_one_pass_steps_with_decode_rows_and_prompt_chunks_equal_the_models_own_
         eng = Engine(model, Tok(), EngineConfig(max_num_seqs=5, max_model_len=128, page=4, kv_dtype=kv_dtype,
                                                 forward=forward))
         if forward == "lean":
-            real = eng.lean.__call__
-            eng.lean = lambda ids, pos, g, last: groups.append(sorted(x.q for x in g)) or real(ids, pos, g, last)
+            real = eng.runner.lean.__call__
+            eng.runner.lean = lambda ids, pos, g, last: groups.append(sorted(x.q for x in g)) or real(ids, pos, g, last)
         runs = [collect(eng, prompts[0], SamplingParams(max_tokens=12, temperature=0))]
         eng.step()
         eng.step()  # the first sequence decodes while the others arrive
@@ -110,7 +88,7 @@ def test_backpressure_and_limits():
         Engine(model_without_eos(), Tok(), EngineConfig(max_model_len=1024))
 
 
-@pytest.mark.parametrize("kv_dtype, floor_db", [("int8", 38.0), ("fp8", 25.0)])
+@pytest.mark.parametrize("kv_dtype, floor_db", list(POOL_SQNR_MIN_DB.items()))
 def test_quantized_pool_round_trip(kv_dtype, floor_db):
     torch.manual_seed(0)
     pool = KVPool(1, 8, 2, 64, torch.float32, "cpu", page=4, kv_dtype=kv_dtype)
@@ -154,7 +132,7 @@ def test_kivi_pool_reads_full_pages_quantized_and_the_open_page_exact(kv_dtype, 
     want_v = dequantize_values(quantize_values(v[:, :, :full], cfg), cfg, torch.float32)
     assert torch.equal(rk[:, :, :full], want_k) and torch.equal(rv[:, :, :full], want_v)
     assert torch.equal(rk[:, :, full:13], k[:, :, full:]) and torch.equal(rv[:, :, full:13], v[:, :, full:])
-    floor_db = {4: 17.0, 2: 5.0}[bits]  # min/max over 4 tokens (keys) or 4 channels (values)
+    floor_db = KIVI_SQNR_MIN_DB[bits]
     for x, r in ((k, rk), (v, rv)):
         sqnr = 10 * torch.log10(x[:, :, :full].pow(2).sum() / (x[:, :, :full] - r[:, :, :full]).pow(2).sum())
         assert sqnr > floor_db
@@ -305,8 +283,8 @@ def _step_logits(eng, prompts):
         s.pages = eng.pool.allocate(eng.pool.pages_for(len(p) + 1))
         seqs.append(s)
     with torch.inference_mode():
-        pre = torch.cat([eng._forward(torch.tensor([s.prompt]), torch.arange(len(s.prompt))[None], [s]) for s in seqs])
-        dec = eng._forward(torch.tensor([[7]] * len(seqs)), torch.tensor([[len(s.prompt)] for s in seqs]), seqs)
+        pre = torch.cat([eng.runner.forward(torch.tensor([s.prompt]), torch.arange(len(s.prompt))[None], [s]) for s in seqs])
+        dec = eng.runner.forward(torch.tensor([[7]] * len(seqs)), torch.tensor([[len(s.prompt)] for s in seqs]), seqs)
     return pre.float(), dec.float()
 
 
@@ -329,7 +307,7 @@ def test_lean_forward_matches_the_models_own(arch, quantized):
     after = _step_logits(Engine(model, Tok(), EngineConfig(forward="model", page=4, max_model_len=128)), prompts)
     for ref, x, y in zip(before, got, after):
         scale = ref.abs().max().item()
-        assert (x - ref).abs().max().item() < 1e-5 * scale
+        assert (x - ref).abs().max().item() < LEAN_REL_TOL * scale
         assert torch.equal(y, ref)
 
 
@@ -399,6 +377,7 @@ def test_incremental_detokenization_equals_decoding_the_whole_output(smollm2_dir
 
     from transformers import AutoTokenizer
 
+    from llmzip.serve.detokenize import Detokenizer
     from llmzip.serve.engine import Sequence
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -417,11 +396,11 @@ def test_incremental_detokenization_equals_decoding_the_whole_output(smollm2_dir
     mismatches = 0
     for n in range(1, len(ids) + 1):
         seq.out = ids[:n]
-        mismatches += Engine._text(eng, seq) != tok.decode(ids[:n], skip_special_tokens=True)
+        mismatches += Detokenizer(eng.tokenizer, set(), 0).text(seq) != tok.decode(ids[:n], skip_special_tokens=True)
     assert mismatches == 0
     # Each call decodes a short window twice, not the whole output: sum of decoded lengths
     # is O(tokens), where whole-output decoding would be about len(ids)^2 / 2.
-    assert sum(decoded) < 8 * len(ids), (sum(decoded), len(ids))
+    assert sum(decoded) < DECODED_PER_TOKEN_MAX * len(ids), (sum(decoded), len(ids))
 
 
 def test_incremental_detokenization_keeps_spaces_a_sentencepiece_decode_strips():
@@ -432,6 +411,7 @@ def test_incremental_detokenization_keeps_spaces_a_sentencepiece_decode_strips()
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
+    from llmzip.serve.detokenize import Detokenizer
     from llmzip.serve.engine import Sequence
 
     vocab = {"▁Hello": 0, "▁world": 1, "!": 2, "▁a": 3, "b": 4, "<unk>": 5}
@@ -442,6 +422,6 @@ def test_incremental_detokenization_keeps_spaces_a_sentencepiece_decode_strips()
     got = []
     for tok in [0, 1, 2, 3, 4, 1, 1, 2]:
         seq.out.append(tok)
-        got.append(Engine._text(eng, seq))
+        got.append(Detokenizer(eng.tokenizer, set(), 0).text(seq))
     assert got[-1] == "Hello world! ab world world!"
     assert got[:3] == ["Hello", "Hello world", "Hello world!"]

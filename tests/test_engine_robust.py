@@ -4,9 +4,10 @@ detokenizing ending only that sequence."""
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from llmzip.serve import sampling
+from llmzip.serve.detokenize import Detokenizer
 from llmzip.serve.engine import Engine, EngineConfig
 from llmzip.serve.sampling import SamplingParams
 
@@ -101,14 +102,14 @@ def test_a_failure_detokenizing_one_sequence_ends_only_that_sequence(model, monk
     ps = [prompt(7, 6), prompt(12, 7), prompt(4, 8)]
     runs = [[] for _ in ps]
     ids = [eng.submit(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), ev.append) for p, ev in zip(ps, runs)]
-    real = Engine._text
+    real = Detokenizer.text
 
     def poisoned(self, seq, ids_=None):
         if seq.id == ids[1] and len(seq.out) >= at:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
         return real(self, seq, ids_)
 
-    monkeypatch.setattr(Engine, "_text", poisoned)
+    monkeypatch.setattr(Detokenizer, "text", poisoned)
     eng.run_until_done()
     assert [ev[-1].finish_reason for ev in runs] == ["length", "error", "length"]
     assert tokens(runs[0]) == greedy(model, ps[0], MAX_TOKENS) and tokens(runs[2]) == greedy(model, ps[2], MAX_TOKENS)

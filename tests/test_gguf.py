@@ -186,7 +186,7 @@ def test_quantize_format_gguf_refuses_inexact_scheme_before_work(tmp_path, capsy
 
 
 def test_export_refuses_group_64_checkpoint(tmp_path, capsys):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     quantize(tiny_llama(), QuantConfig(weights=WeightScheme(4, 64)), output_dir=tmp_path / "q", progress=False)
     assert main(["export", str(tmp_path / "q"), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2

@@ -3,7 +3,7 @@ against their torch references under Triton's CPU interpreter (TRITON_INTERPRET=
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from test_kernels import layer, rel_err
 
 from llmzip.config import QuantConfig, WeightScheme
@@ -204,7 +204,7 @@ FP8_PPL_INCREASE = 0.02  # 2 windows of 512 tokens: looser than the 8 x 2048 bou
 
 @pytest.mark.slow
 def test_eval_ppl_cli_with_fp8_activations(smollm2_dir, tmp_path):
-    from test_cli import last_json, run
+    from helpers import last_json, run
 
     out = tmp_path / "w4"
     assert run("quantize", "smollm2-135m", "--bits", "4", "--group-size", "64", "-o", str(out)).returncode == 0

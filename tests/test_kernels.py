@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from llmzip.config import WeightScheme
 from llmzip.kernels import cpu_int4_amx, triton_qmm
+from llmzip.kernels.base import Unsupported
 from llmzip.kernels.reference import dense_weight
 from llmzip.quant_linear import QuantLinear
 
@@ -185,10 +186,15 @@ def test_cpu_int4_kernel_matches_reference(group, symmetric, act_order, M, nativ
     ok, why = cpu_int4.can_implement(m.spec(), torch.device("cpu"))
     assert ok, why
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
-    y = cpu_int4.linear(x, m)
+    if act_order == "ragged":  # refused at prepare: the registry binds the reference instead
+        with pytest.raises(Unsupported, match="unequal size"):
+            cpu_int4.prepare(m)
+        y = m(x)
+        assert m.kernel_name == "reference" and "unequal size" in m.refused_kernels["cpu_int4"]
+    else:
+        y = cpu_int4.linear(x, m, cpu_int4.prepare(m))
     ref = x.float() @ dense_weight(m, torch.bfloat16).float().t()
     assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < BF16_TOL
-    assert (m.kernel_cache["cpu_int4"] is None) == (act_order == "ragged")
 
 
 @pytest.mark.parametrize("group,symmetric", [(64, True), (32, False), (None, True), (None, False)])
@@ -196,15 +202,15 @@ def test_cpu_int4_dense_weight_is_bit_equal_to_the_reference(group, symmetric, m
     """The dense path's dequantization (bytes of the packed words, (u - 8 - z) * s in fp32,
     whole or in blocks of rows) rounds every weight once, exactly as the reference's fp32
     (q - z) * s cast to bf16."""
-    from llmzip.kernels import cpu_int4
+    from llmzip.kernels import cpu_int4, cpu_int4_dense
 
     m = layer(group=group, symmetric=symmetric, n=80, dtype=torch.bfloat16)
-    cpu_int4.prepare(m)
-    assert m.kernel_cache["cpu_int4"]["dense"] is not None
-    assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
+    state = cpu_int4.prepare(m).dense
+    assert state is not None
+    assert torch.equal(cpu_int4_dense.dense_weight(m, state, torch.bfloat16), dense_weight(m, torch.bfloat16))
     assert cpu_int4.dense_from(m) <= 80  # so test_cpu_int4_kernel_matches_reference covers the dense path
-    monkeypatch.setattr(cpu_int4, "DEQUANT_BLOCK", 7 * m.in_features)  # blocks of 7 rows, the last one short
-    assert torch.equal(cpu_int4.dense_weight(m, torch.bfloat16), dense_weight(m, torch.bfloat16))
+    monkeypatch.setattr(cpu_int4_dense, "DEQUANT_BLOCK", 7 * m.in_features)  # blocks of 7 rows, the last one short
+    assert torch.equal(cpu_int4_dense.dense_weight(m, state, torch.bfloat16), dense_weight(m, torch.bfloat16))
 
 
 def test_amx_layout_round_trips_and_places_each_code():
@@ -237,12 +243,12 @@ def test_amx_kernel_is_the_fp32_dequantized_matmul_rounded_once(group, symmetric
     from llmzip.kernels import cpu_int4
 
     m = layer(group=group, symmetric=symmetric, n=96, dtype=torch.bfloat16)
-    cpu_int4.prepare(m)
-    assert m.kernel_cache["cpu_int4"]["amx"] is not None and m.kernel_cache["cpu_int4"]["packed"] is None
+    state = cpu_int4.prepare(m)
+    assert state.amx is not None and state.torch_int4.packed is None
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
     w = dense_weight(m, torch.float32)
     ref = x.float() @ w.t()
-    y = cpu_int4.linear(x, m)
+    y = cpu_int4.linear(x, m, state)
     assert y.dtype == torch.bfloat16 and y.shape == (M, 96)
     bound = AMX_REL * ref.abs() + AMX_ABS * (x.float().abs() @ w.abs().t())
     assert ((y.float() - ref).abs() <= bound).all()
@@ -255,8 +261,9 @@ def test_amx_rows_do_not_depend_on_each_other():
 
     m = layer(group=64, symmetric=False, n=96, dtype=torch.bfloat16)
     x = torch.randn(40, K, generator=torch.Generator().manual_seed(3)).bfloat16()
-    together = cpu_int4.linear(x, m)
-    assert torch.equal(torch.cat([cpu_int4.linear(x[i:i + 1], m) for i in range(40)]), together)
+    state = cpu_int4.prepare(m)
+    together = cpu_int4.linear(x, m, state)
+    assert torch.equal(torch.cat([cpu_int4.linear(x[i:i + 1], m, state) for i in range(40)]), together)
 
 
 @needs_amx
@@ -267,10 +274,11 @@ def test_amx_kernel_takes_act_order_and_leaves_fp16_to_torch(act_order):
     m = layer(group=32, symmetric=False, act_order=act_order, n=80, dtype=torch.bfloat16)
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(5)).bfloat16()
     ref = x.float() @ dense_weight(m, torch.float32).t()
-    assert ((cpu_int4.linear(x, m).float() - ref).norm() / ref.norm()).item() < BF16_TOL
-    assert m.kernel_cache["cpu_int4"]["packed"] is None
-    y16 = cpu_int4.linear(x.half(), m)  # torch's int4 matmul, its layout built from the AMX one on first use
-    assert m.kernel_cache["cpu_int4"]["packed"] is not None
+    state = cpu_int4.prepare(m)
+    assert ((cpu_int4.linear(x, m, state).float() - ref).norm() / ref.norm()).item() < BF16_TOL
+    assert state.torch_int4.packed is None
+    y16 = cpu_int4.linear(x.half(), m, state)  # torch's int4 matmul, its layout built from the AMX one on first use
+    assert state.torch_int4.packed is not None
     assert y16.dtype == torch.float16 and ((y16.float() - ref).norm() / ref.norm()).item() < BF16_TOL
 
 
@@ -292,7 +300,7 @@ def test_cpu_int4_runs_float32_through_the_reference():
 
     m = layer(group=64, n=80, dtype=torch.float32)
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(cpu_int4.linear(x, m), x @ dense_weight(m, torch.float32).t())
+    assert torch.equal(cpu_int4.linear(x, m, cpu_int4.prepare(m)), x @ dense_weight(m, torch.float32).t())
 
 
 @pytest.mark.parametrize("act_order", [None, "uniform"])

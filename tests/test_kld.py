@@ -6,9 +6,16 @@ import subprocess
 import sys
 
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from llmzip.eval.kld import kl_divergence, token_kld
+
+FORMULA_TOL = 1e-6  # token_kld vs the closed form, float32
+# SmolLM2 W8 / W3 (g64) vs bf16, 2 windows of 512; measured W8 mean KLD 0.0037, top-1 0.969; W3 2.16, top-1 0.317
+W8_KLD_MAX = 0.02  # W8 mean KLD
+W8_TOP1_MIN = 0.9  # W8 top-1 agreement with the base model
+W3_VS_W8_KLD_MIN = 10  # W3 mean KLD / W8 mean KLD
+W8_PPL_RATIO_MIN = 0.99  # W8 ppl / base ppl: quantization does not help
 
 
 def test_token_kld_matches_the_formula():
@@ -16,7 +23,7 @@ def test_token_kld_matches_the_formula():
     q = torch.tensor([[0.25, 0.5, 0.25]])
     expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)
     got = token_kld(p.log(), q.log()).item()  # logits = log-probabilities (softmax is shift-invariant)
-    assert abs(got - expected) < 1e-6
+    assert abs(got - expected) < FORMULA_TOL
     assert token_kld(p.log(), p.log()).item() == 0.0
 
 
@@ -40,10 +47,10 @@ def test_w3_diverges_more_than_w8_on_smollm2(smollm2_dir, wiki_ids):
         q, _ = llmzip.quantize(str(smollm2_dir), QuantConfig(weights=WeightScheme(bits, 64)), progress=False)
         res[bits] = kl_divergence(base, q, wiki_ids, ctx=512, max_windows=2, progress=False)
     # Measured (2 windows of 512): W8 mean KLD 0.0037, top-1 0.969; W3 2.16, top-1 0.317.
-    assert 0 < res[8].mean_kld < 0.02 and res[8].top1_agreement > 0.9
-    assert res[3].mean_kld > 10 * res[8].mean_kld
+    assert 0 < res[8].mean_kld < W8_KLD_MAX and res[8].top1_agreement > W8_TOP1_MIN
+    assert res[3].mean_kld > W3_VS_W8_KLD_MIN * res[8].mean_kld
     assert res[3].top1_agreement < res[8].top1_agreement
-    assert res[3].ppl_ratio > res[8].ppl_ratio > 0.99
+    assert res[3].ppl_ratio > res[8].ppl_ratio > W8_PPL_RATIO_MIN
 
 
 def test_cli_eval_kld_json(smollm2_dir):

@@ -13,6 +13,14 @@ SCHEMES = ["int8", "int4", "int2", "fp8"]
 # SQNR floors (dB) on Gaussian data, [B, H, T, D] = [2, 3, 64, 64]. Uniform-noise estimates:
 # int8 ~45, int4 ~21, int2 ~8, e4m3 ~31.
 RANDOM_FLOOR = {"int8": 40.0, "int4": 17.0, "int2": 5.0, "fp8": 27.0}
+# Floors on real SmolLM2 K/V (bf16), measured minimum over the three layers minus a margin.
+REAL_FLOOR = {"int8": 35.0, "int4": 12.0, "int2": 2.0, "fp8": 25.0}
+BYTES_RTOL = 1e-6  # bytes a cache layer holds per token vs bytes_per_token
+# int8 vs bf16 cache, 32 greedy tokens on 4 SmolLM2 prompts (measured: 3 of 4 identical, the fourth first
+# differs at token 24, or 11 on an AMX Xeon)
+INT8_GREEDY_IDENTICAL_MIN = 3  # prompts whose 32 tokens are identical
+INT8_GREEDY_FIRST_DIFF = 8  # no prompt diverges before this token
+INT8_PPL_INCREASE_MAX = 0.005  # relative ppl increase of an int8 cache, one SmolLM2 window of 512
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -60,10 +68,6 @@ def smol_kv(smollm2_dir):
     return model, tok, [(cache.layers[i].keys, cache.layers[i].values) for i in (0, 15, 29)]
 
 
-# Floors on real SmolLM2 K/V (bf16), measured minimum over the three layers minus a margin.
-REAL_FLOOR = {"int8": 35.0, "int4": 12.0, "int2": 2.0, "fp8": 25.0}
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_real_smollm2_round_trip_sqnr(smol_kv, scheme):
     _, _, layers = smol_kv
@@ -106,10 +110,7 @@ def test_bytes_per_token_matches_what_the_cache_holds():
         layer = QuantizedKVLayer(cfg)
         layer.update(torch.randn(1, H, 256, D).bfloat16(), torch.randn(1, H, 256, D).bfloat16())
         per_token = layer.stored_bytes() / 256
-        assert per_token == pytest.approx(bytes_per_token(cfg, H, D), rel=1e-6), scheme
-
-
-INT8_GREEDY_FIRST_DIFF = 8
+        assert per_token == pytest.approx(bytes_per_token(cfg, H, D), rel=BYTES_RTOL), scheme
 
 
 def test_int8_greedy_generation_matches_full_precision(smol_kv):
@@ -129,7 +130,7 @@ def test_int8_greedy_generation_matches_full_precision(smol_kv):
         n = min(len(ref), len(out))
         first_diffs.append(next((i for i in range(n) if ref[i] != out[i]), n))
         identical += bool(torch.equal(ref, out))
-    assert identical >= 3 and min(first_diffs) >= INT8_GREEDY_FIRST_DIFF, first_diffs
+    assert identical >= INT8_GREEDY_IDENTICAL_MIN and min(first_diffs) >= INT8_GREEDY_FIRST_DIFF, first_diffs
 
 
 def test_ppl_through_the_cache_orders_schemes(smol_kv, wiki_ids):
@@ -140,7 +141,7 @@ def test_ppl_through_the_cache_orders_schemes(smol_kv, wiki_ids):
     base = perplexity(model, wiki_ids, ctx=512, max_windows=1, progress=False).ppl
     ppl = {s: perplexity(model, wiki_ids, ctx=512, max_windows=1, progress=False, kv_chunk=16,
                          kv_cache=KVCacheConfig(s, residual=32)).ppl for s in ("int8", "int4", "int2")}
-    assert ppl["int8"] / base - 1 < 0.005
+    assert ppl["int8"] / base - 1 < INT8_PPL_INCREASE_MAX
     assert ppl["int2"] > ppl["int4"] > base
 
 

@@ -1,4 +1,4 @@
-"""`llmzip quantize --kv-cache fp8`: calibrated static FP8 K/V scales, their export as a
+"""`llmzip quantize --kv-cache-dtype fp8`: calibrated static FP8 K/V scales, their export as a
 compressed-tensors kv_cache_scheme, and every reader of them (llmzip.load, transformers
 with compressed-tensors, the server's KV pool, eval ppl)."""
 
@@ -7,13 +7,16 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from safetensors import safe_open
 
 from llmzip import QuantConfig, WeightScheme, load, quantize
 from llmzip.calibration import CalibConfig
 from llmzip.kv_cache import FP8_MAX, attached_fp8_scales, calibrate_fp8_scales
 
+SCALE_RTOL = 1e-6  # calibrated KV scale vs max |K| (or |V|) / FP8_MAX read from a DynamicCache
+BF16_STEP = 2**-7  # relative size of one bf16 rounding step: stored scales vs the calibrated ones
+HF_REL_ERR_MAX = 2e-2  # bf16 logits, llmzip vs transformers on the fp8-KV export: two kernels
 CALIB = CalibConfig(samples=4, seq_len=64)
 
 
@@ -52,7 +55,7 @@ def test_scales_are_max_abs_over_448_of_what_the_cache_stores():
             seen[i] = (max(seen[i][0], layer.keys.abs().max().item()), max(seen[i][1], layer.values.abs().max().item()))
     assert len(scales) == 2
     for (k, v), (km, vm) in zip(scales, seen):
-        assert k == pytest.approx(km / FP8_MAX, rel=1e-6) and v == pytest.approx(vm / FP8_MAX, rel=1e-6)
+        assert k == pytest.approx(km / FP8_MAX, rel=SCALE_RTOL) and v == pytest.approx(vm / FP8_MAX, rel=SCALE_RTOL)
 
 
 def test_export_names_and_config_are_what_vllm_and_compressed_tensors_read(exported):
@@ -70,7 +73,7 @@ def test_export_names_and_config_are_what_vllm_and_compressed_tensors_read(expor
         i, which = VLLM_NAME.match(name).groups()
         want = report["kv_scales"][int(i)]["kv".index(which)]
         assert t.shape == (1,) and t.dtype == torch.bfloat16
-        assert want <= t.float().item() <= want * (1 + 2**-7)  # rounded up to bf16: never clips
+        assert want <= t.float().item() <= want * (1 + BF16_STEP)  # rounded up to bf16: never clips
 
 
 def test_llmzip_and_transformers_load_the_export(exported):
@@ -78,7 +81,7 @@ def test_llmzip_and_transformers_load_the_export(exported):
 
     out, model, report = exported
     ours = load(out)
-    assert _flat(attached_fp8_scales(ours)) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
+    assert _flat(attached_fp8_scales(ours)) == pytest.approx(_flat(report["kv_scales"]), rel=BF16_STEP)
     # transformers 5 + compressed-tensors 0.20 load the weights and leave the KV scales
     # unused (reported as unexpected keys); vLLM is what consumes them.
     theirs, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -86,7 +89,7 @@ def test_llmzip_and_transformers_load_the_export(exported):
     ids = torch.arange(10, 40)[None]
     with torch.no_grad():
         a, b = ours(ids).logits.float(), theirs(ids).logits.float()
-    assert ((a - b).norm() / b.norm()).item() < 2e-2  # bf16, two kernels
+    assert ((a - b).norm() / b.norm()).item() < HF_REL_ERR_MAX
 
 
 def test_server_pool_and_metadata_use_the_calibrated_scales(exported, monkeypatch):
@@ -101,7 +104,7 @@ def test_server_pool_and_metadata_use_the_calibrated_scales(exported, monkeypatc
                         lambda path, dtype=None, **kw: (load(path, dtype=dtype, **kw), Tok()))
     engine = build_engine(str(out), max_num_seqs=2, max_model_len=64, kv_dtype="fp8", device="cpu")
     read = [(k.item(), v.item()) for k, v in engine.pool.fp8_scales]
-    assert _flat(read) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
+    assert _flat(read) == pytest.approx(_flat(report["kv_scales"]), rel=BF16_STEP)
 
 
 def test_eval_ppl_reads_kv_through_the_calibrated_scales(exported, monkeypatch):
@@ -122,4 +125,4 @@ def test_eval_ppl_reads_kv_through_the_calibrated_scales(exported, monkeypatch):
     res = ppl_mod.perplexity(model, ids, ctx=64, max_windows=2, kv_cache=KVCacheConfig("fp8"), kv_chunk=16,
                              progress=False)
     assert res.kv_cache.startswith("fp8 calibrated scales")
-    assert len(used) == 2 and _flat(used[0]) == pytest.approx(_flat(report["kv_scales"]), rel=2**-7)
+    assert len(used) == 2 and _flat(used[0]) == pytest.approx(_flat(report["kv_scales"]), rel=BF16_STEP)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from legacy_formats import write_legacy
 
 from llmzip import load

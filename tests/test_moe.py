@@ -30,6 +30,11 @@ CASES = {  # config, checkpoint name of layer 0's expert 0 gate projection
                   "model.layers.0.mlp.experts.0.gate_proj"),
 }
 SAMPLES, SEQ = 4, 32
+UNFUSE_ABS_ERR_MAX = 1e-5  # logits after unfusing the experts into Linears vs fused (fp32)
+W8_REL_ERR_MAX = 0.02  # W8 awq+gptq logits vs float: rounding only; a router left unscaled shows far above
+UNROUTED_VS_PEER_ERR_MAX = 1.5  # rel_err of an expert the router never picks / its peers' worst
+RELOAD_ABS_ERR_MAX = 1e-4  # logits of the quantized model vs llmzip.load and transformers loads of its export
+FOLD_ABS_ERR_MAX = 1e-4  # a layer's output after folding smoothing scales vs before (fp32)
 
 
 def _model(name):
@@ -49,7 +54,7 @@ def test_unfused_experts_compute_the_same_function(name):
     assert len(prepare_experts(model)) == sum(isinstance(m, LinearExperts) for m in model.modules()) > 0
     with torch.no_grad():
         out = model(_ids()).logits
-    assert (out - ref).abs().max().item() < 1e-5
+    assert (out - ref).abs().max().item() < UNFUSE_ABS_ERR_MAX
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -80,7 +85,7 @@ def test_awq_gptq_calibrates_every_expert(name):
         out = model(ids).logits
     # 8-bit: rounding error only. Smoothing that forgot to rescale the router would
     # change routing and show far above this.
-    assert ((out - ref).norm() / ref.norm()).item() < 0.02
+    assert ((out - ref).norm() / ref.norm()).item() < W8_REL_ERR_MAX
 
 
 def test_an_expert_the_router_never_picks_still_gets_a_full_hessian():
@@ -104,7 +109,7 @@ def test_an_expert_the_router_never_picks_still_gets_a_full_hessian():
     assert len(e3) == 3
     # No damping escalation (an empty Hessian would need it) and an error like its peers'.
     assert all(s["damp"] == cfg.gptq.damp for s in e3.values())
-    assert max(s["rel_err"] for s in e3.values()) < 1.5 * max(others)
+    assert max(s["rel_err"] for s in e3.values()) < UNROUTED_VS_PEER_ERR_MAX * max(others)
 
 
 def test_moe_checkpoint_uses_original_expert_names_and_reloads(tmp_path):
@@ -136,8 +141,8 @@ def test_moe_checkpoint_uses_original_expert_names_and_reloads(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         a, b, c = q(ids).logits, loaded(ids).logits, hf(ids).logits
-    assert (a - b).abs().max().item() < 1e-4
-    assert (a - c).abs().max().item() < 1e-4
+    assert (a - b).abs().max().item() < RELOAD_ABS_ERR_MAX
+    assert (a - c).abs().max().item() < RELOAD_ABS_ERR_MAX
 
 
 def test_rtn_quantizes_experts_too():
@@ -182,7 +187,7 @@ def test_every_smoothing_mapping_keeps_the_float_function(name):
         moe = i == 0 or name != "qwen3_moe"
         # attn (norm->qkv, v->o), norm->experts, one up->down per expert [, shared up->down] | dense mlp (2)
         assert applied == 2 + (1 + EXPERTS + (name == "qwen2_moe") if moe else 2)
-        assert (out - ref).abs().max().item() < 1e-4
+        assert (out - ref).abs().max().item() < FOLD_ABS_ERR_MAX
 
 
 def test_true_sequential_gptq_on_moe():

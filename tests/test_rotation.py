@@ -16,6 +16,7 @@ MAX_REL_ERR = 1e-4
 # A rotation should spread weight outliers: max |w| / rms(w) of the rotated Linears' weights
 # drops below this fraction of the original's (tiny models with one planted outlier column).
 MAX_PEAK_RATIO = 0.5
+ORTHOGONAL_TOL = 1e-12  # max |Q Q^T - I| of the fp64 random orthogonal fallback
 
 COMMON = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, head_dim=16, vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -55,7 +56,7 @@ def test_paley_refuses_bad_order_and_fallback_is_orthogonal():
         paley(16)  # 15 is not prime
     assert hadamard(36) is None and "random orthogonal" in construction(36)  # 17 = 1 mod 4, 35 not prime
     q = random_orthogonal(36, 0)
-    assert (q @ q.T - torch.eye(36, dtype=torch.float64)).abs().max().item() < 1e-12
+    assert (q @ q.T - torch.eye(36, dtype=torch.float64)).abs().max().item() < ORTHOGONAL_TOL
     assert torch.equal(random_orthogonal(96, 3), random_orthogonal(96, 3))
     assert not torch.equal(random_orthogonal(96, 3), random_orthogonal(96, 4))
 

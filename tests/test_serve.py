@@ -10,12 +10,13 @@ together (tolerance: none; 16 of 16 identical).
 import http.client
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import helpers
 import pytest
 import torch
+from helpers import Server, free_port
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -28,31 +29,12 @@ from llmzip.serve.server import build_engine  # noqa: E402
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"
 NAME = "smollm2-w4"
+TIMEOUT_ANSWER_MAX_S = 30  # a timed-out request is answered at its deadline (0.5 s), not after its 200 tokens
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three laws of motion are",
            "In 1969, the first", "Water boils at", "My favourite recipe for", "The quick brown fox",
            "Photosynthesis is the process", "To install the package, run", "The history of Rome",
            "Machine learning models", "A haiku about the sea:", "import numpy as np\n", "Dear Sir or Madam,",
            "The best way to learn"]
-
-
-class Server:
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +67,7 @@ def reference(engine, prompt: str, n: int) -> list[int]:
 
 
 def raw(port, method, path, body=None, headers=None, key=KEY):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    conn.request(method, path, body=body if isinstance(body, (str, bytes)) or body is None else json.dumps(body),
-                 headers=h)
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, (json.loads(data) if data.startswith(b"{") else data.decode())
+    return helpers.raw(port, method, path, body, headers, key)
 
 
 def test_models_health_and_metrics(served, client):
@@ -233,7 +208,7 @@ def test_request_timeout_answers_504_and_frees_the_slot(served):
                            {"model": NAME, "prompt": "Tell me a long story", "max_tokens": 200, "temperature": 0,
                             "ignore_eos": True})
         assert status == 504 and "timed out" in body["error"]["message"]
-        assert time.time() - t0 < 30  # answered at the deadline, not after 200 tokens
+        assert time.time() - t0 < TIMEOUT_ANSWER_MAX_S
         deadline = time.time() + 60
         while time.time() < deadline and (engine.load()["running"] or engine.load()["kv_pages_used"]):
             time.sleep(0.05)
@@ -280,9 +255,7 @@ def test_cli_server_finishes_running_requests_and_stops_on_signal(w4_dir, how):
 
     if how.startswith("sigint") and (sys.platform != "linux" or platform.machine() != "x86_64"):
         pytest.skip("tgkill's syscall number is x86_64 Linux's")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llmzip", "serve", str(w4_dir), "--port", str(port),
                              "--served-model-name", "m", "--max-num-seqs", "2", "--max-model-len", "128"],
                             env={**os.environ, "LLMZIP_API_KEY": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

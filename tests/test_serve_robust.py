@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import Server, raw, tiny_engine  # noqa: E402
+from helpers import Server, raw, tiny_engine  # noqa: E402
 
 from llmzip.serve.app import create_app  # noqa: E402
 
@@ -229,7 +229,7 @@ def test_every_path_but_health_needs_the_key(served, path):
 
 
 def test_serve_on_a_port_in_use_is_a_one_line_error_with_exit_2(tmp_path, capsys):
-    from serve_helpers import tiny_checkpoint
+    from helpers import tiny_checkpoint
 
     from llmzip.cli import main
 
@@ -251,7 +251,7 @@ def test_shutdown_ends_every_open_stream_with_abort_and_done(tmp_path, monkeypat
     import signal
     import threading
 
-    from serve_helpers import free_port, tiny_checkpoint
+    from helpers import free_port, tiny_checkpoint
 
     from llmzip.cli import main
     from llmzip.serve import server

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from llmzip.algorithms.signround import signround
 from llmzip.config import ConfigError, QuantConfig, SignRoundSettings, WeightScheme
 from llmzip.sequential import capture_inputs, calibrate_model

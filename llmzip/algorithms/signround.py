@@ -84,7 +84,7 @@ def signround(
     weights: dict[str, torch.Tensor],
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    scheme: WeightScheme,
+    scheme: WeightScheme | dict[str, WeightScheme],
     settings: SignRoundSettings = SignRoundSettings(),
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[dict[str, QuantResult], dict]:
@@ -94,15 +94,16 @@ def signround(
     weight `name` replaced by dense[name] (in the weight's dtype); it must not change
     anything else. weights: {name: W [out, in]} (their dtype is the scales' storage
     dtype). inputs / targets: [N, L, d] block inputs and the float block's outputs on
-    them. Each step draws `settings.batch` of the N samples. on_step(step, loss) is
+    them. scheme: one WeightScheme for every weight, or {name: WeightScheme}. Each step draws `settings.batch` of the N samples. on_step(step, loss) is
     called after each step. Returns ({name: QuantResult}, info with the first, best and
     last step losses and the best step)."""
+    schemes = scheme if isinstance(scheme, dict) else {n: scheme for n in weights}
     dtypes = {n: w.dtype for n, w in weights.items()}
     shapes = {n: w.shape for n, w in weights.items()}
     fixed, params = {}, {}  # per weight: (W grouped fp32, lo, hi); (V, alpha, beta)
     for n, w in weights.items():
         out_f, in_f = w.shape
-        G = scheme.group_size or in_f
+        G = schemes[n].group_size or in_f
         wg = w.detach().float().reshape(out_f, in_f // G, G)
         fixed[n] = (wg, wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0))
         params[n] = [torch.zeros_like(wg, requires_grad=True),
@@ -115,7 +116,7 @@ def signround(
     best = [p.detach().clone() for p in trained]
     for step in range(iters):
         idx = torch.randperm(n, generator=gen)[: settings.batch].to(inputs.device)
-        dense = {k: qdq(*fixed[k], *params[k], scheme, dtypes[k])[0].reshape(shapes[k]) for k in fixed}
+        dense = {k: qdq(*fixed[k], *params[k], schemes[k], dtypes[k])[0].reshape(shapes[k]) for k in fixed}
         out = forward(inputs[idx], dense)
         loss = (out.float() - targets[idx].float()).pow(2).mean()
         loss_v = loss.item()
@@ -140,7 +141,7 @@ def signround(
             p.copy_(kept)
         results = {}
         for k in fixed:
-            _, q, scale, zero = qdq(*fixed[k], *params[k], scheme, dtypes[k])
+            _, q, scale, zero = qdq(*fixed[k], *params[k], schemes[k], dtypes[k])
             results[k] = QuantResult(q.to(torch.int8).reshape(shapes[k]), scale.to(dtypes[k]),
                                      None if zero is None else zero.to(torch.int8))
     info = {"iters": iters, "loss_first": first_loss, "loss_best": None if best_step < 0 else best_loss,

@@ -12,4 +12,5 @@ def smooth(work: LayerWork) -> None:
     # Calibration passes send every token through every MoE expert (llmzip.moe).
     with calibrating_all_experts(work.layer):
         work.ref, work.block["awq"] = awq_layer(work.layer, work.names, work.inputs, work.kwargs, work.config,
-                                                work.arch, lambda lyr, x: work.run(x), keep=work.keep)
+                                                work.arch, lambda lyr, x: work.run(x), keep=work.keep,
+                                                schemes={n: work.scheme(n) for n in work.names})

@@ -54,6 +54,10 @@ class LayerWork:
     stats: dict = field(default_factory=dict)
     block: dict = field(default_factory=dict)
 
+    def scheme(self, name: str):
+        """The WeightScheme of the Linear `name` (relative to the layer): config.scheme_for."""
+        return self.config.scheme_for(self.prefix + name)
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output hidden states for one input batch."""
         return first(self.layer(x, **self.kwargs))

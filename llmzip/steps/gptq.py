@@ -38,7 +38,8 @@ def round_gptq(work: LayerWork) -> None:
             H = hess.pop(group[0]).H
             # GPTQ treats rows independently given H: one solve per chunk of the group.
             for chunk in row_chunks(group, names):
-                _solve(work, chunk, H)
+                for same in by_scheme(work, chunk):  # mixed precision: one solve per scheme
+                    _solve(work, same, H)
     if config.gptq.true_sequential:
         work.block["groups"] = len(groups)
 
@@ -47,15 +48,24 @@ def _solve(work: LayerWork, chunk: list[str], H: torch.Tensor) -> None:
     config = work.config
     lins = [work.names[n] for n in chunk]
     W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
-    res, info = gptq(W, H, config.weights, config.gptq, config.clip)
+    scheme = work.scheme(chunk[0])
+    res, info = gptq(W, H, scheme, config.gptq, config.clip)
     row = 0
     for n, lin in zip(chunk, lins):
         part = res.rows(row, row + lin.out_features)
         row += lin.out_features
-        work.stats[work.prefix + n] = {"rel_err": part.rel_err(lin.weight.data, config.weights.group_size),
+        work.stats[work.prefix + n] = {"rel_err": part.rel_err(lin.weight.data, scheme.group_size),
                                        "damp": info["damp"]}
-        set_module(work.layer, n, QuantLinear.from_quantized(lin, part.q, part.scale, part.zero, config.weights,
+        set_module(work.layer, n, QuantLinear.from_quantized(lin, part.q, part.scale, part.zero, scheme,
                                                              part.g_idx))
+
+
+def by_scheme(work: LayerWork, chunk: list[str]) -> list[list[str]]:
+    """`chunk` split into runs of Linears that share one WeightScheme, in order of first use."""
+    runs: dict = {}
+    for n in chunk:
+        runs.setdefault(work.scheme(n), []).append(n)
+    return list(runs.values())
 
 
 def row_chunks(group: list[str], names: dict, max_rows: int = 8192) -> list[list[str]]:

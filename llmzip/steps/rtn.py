@@ -15,6 +15,7 @@ def round_to_nearest(work: LayerWork) -> None:
     if work.ref is None:  # no earlier step ran the float layer
         work.ref = run_keeping_first(work.run, work.inputs, work.keep)
     for n, lin in work.names.items():
-        res = rtn(lin.weight.data, config.weights, config.clip)
-        work.stats[work.prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size)}
-        set_module(work.layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
+        scheme = work.scheme(n)
+        res = rtn(lin.weight.data, scheme, config.clip)
+        work.stats[work.prefix + n] = {"rel_err": res.rel_err(lin.weight.data, scheme.group_size)}
+        set_module(work.layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, scheme))

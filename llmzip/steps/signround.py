@@ -33,6 +33,7 @@ def round_signround(work: LayerWork) -> None:
         raise ValueError(f"SignRound needs calibration samples of one length; got shapes {sorted(shapes)}")
     inputs, targets = torch.cat(work.inputs), torch.cat(work.ref)
     weights = {n: lin.weight.data for n, lin in work.names.items()}
+    schemes = {n: work.scheme(n) for n in work.names}
 
     def forward(x, dense):
         swapped = {f"{n}.weight": w for n, w in dense.items()}
@@ -51,7 +52,7 @@ def round_signround(work: LayerWork) -> None:
     try:
         with torch.enable_grad():
             seeded = replace(settings, seed=settings.seed + work.index)
-            results, info = signround(forward, weights, inputs, targets, config.weights, seeded, on_step)
+            results, info = signround(forward, weights, inputs, targets, schemes, seeded, on_step)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -59,6 +60,6 @@ def round_signround(work: LayerWork) -> None:
     del inputs, targets
     work.block["signround"] = {k: round(v, 8) if isinstance(v, float) else v for k, v in info.items()}
     for n, lin in work.names.items():
-        res = results[n]
-        work.stats[work.prefix + n] = {"rel_err": res.rel_err(lin.weight.data, config.weights.group_size)}
-        set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, config.weights))
+        res, scheme = results[n], schemes[n]
+        work.stats[work.prefix + n] = {"rel_err": res.rel_err(lin.weight.data, scheme.group_size)}
+        set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, scheme))

@@ -1,15 +1,86 @@
-"""Helpers for server tests on a tiny random model: a byte-level tokenizer with a chat
-template (built offline, nothing downloaded), an engine and app over them, a uvicorn
-server on a free 127.0.0.1 port, and raw HTTP."""
+"""Shared test helpers (plain functions; fixtures live in conftest.py): tiny random models,
+the CLI in-process or as a subprocess, a tokenizer-free engine, and a tiny served model
+(a byte-level tokenizer with a chat template, built offline), a uvicorn server on a free
+127.0.0.1 port, and raw HTTP."""
 
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import torch
-from conftest import tiny_llama
+
+
+def tiny_llama(seed: int = 0, dtype=torch.bfloat16, **overrides):
+    """A small random Llama (2 layers, hidden 128) for fast unit tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**kw), dtype=dtype).eval()
+
+
+def run_cli(*argv) -> int:
+    """`llmzip.cli.main(argv)` in-process; the log handlers it adds are removed again."""
+    import logging
+
+    from llmzip.cli import main
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        return main([str(a) for a in argv])
+    finally:
+        for h in root.handlers[len(before):]:
+            root.removeHandler(h)
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "llmzip", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ---------- the engine on a tiny model, without a tokenizer ----------
+
+
+class Tok:
+    """Enough of a tokenizer for the engine: ids -> text, no EOS."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def model_without_eos():
+    m = tiny_llama(dtype=torch.float32)
+    m.config.eos_token_id = m.generation_config.eos_token_id = None
+    return m
+
+
+def greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def collect(engine, prompt, params):
+    events = []
+    engine.submit(prompt, params, events.append)
+    return events
+
+
+# ---------- a tiny served model ----------
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
