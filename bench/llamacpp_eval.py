@@ -26,6 +26,19 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    # Weight repacking off (llama.cpp's --no-repack): with it, the Q4_0 files of this bench (llama.cpp's own
+    # and llmzip's alike) score perplexity 300-500 instead of 25-35 on an AVX512/AMX Xeon with the
+    # llama.cpp that llama-cpp-python 0.3.16 vendors; see bench/results/gguf_llamacpp.md.
+    defaults = lib.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = no_repack
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", required=True)
@@ -33,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     job = json.load(open(args.job))
     ctx = len(job["windows"][0])
-    results = {"llama_cpp_python": llama_cpp.__version__, "models": {}}
+    results = {"llama_cpp_python": llama_cpp.__version__, "weight_repacking": False, "models": {}}
     for label, path in job["models"].items():
         llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=512, logits_all=True, n_threads=job["threads"],
                               verbose=False)
