@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def main() -> None:
     out_json = HERE / "results" / f"{NAME}.json"
     result = json.loads(out_json.read_text()) if out_json.exists() else {"rows": [], "runs": []}
     machine = subprocess.run([sys.executable, str(HERE / "machine.py")], capture_output=True, text=True).stdout.strip()
-    command = "python bench/mixed_smollm2.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/mixed_smollm2.py", *sys.argv[1:]])
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     result["runs"].append({"command": command, "started": started, "machine": machine, "note": args.note})
     run_no = len(result["runs"])
