@@ -5,11 +5,12 @@ Kinds (SmolLM2-135M unless noted; RTN unless noted):
   w4g64-sym, w8-channel, w4g64-asym, act-order (GPTQ --act-order: actorder "weight"),
   fp8-kv (W4 g64 + calibrated FP8 K/V scales, vLLM --kv-cache-dtype fp8),
   moe-mixtral (a random 2-layer Mixtral with SmolLM2's tokenizer, W4 g32),
-  gptq-desc-act-convert (a GPTQ desc_act checkpoint through `llmzip convert`: actorder "group" + g_idx).
+  gptq-desc-act-convert (a GPTQ desc_act checkpoint through `llmzip convert`: actorder "group" + g_idx),
+  mixed-w4w8 (--avg-bits 5 --bits-choices 4,8: W4 g64 and W8 g64 config groups; vLLM's
+  WNA16 kernels take 4 and 8 bits only).
 Per kind, PROMPTS greedy for NEW_TOKENS tokens in vLLM (bench/vllm_side.py in the vllmcpu venv,
 one process per kind) and in llmzip; a kind passes when vLLM loads it and, for every prompt,
-the first MIN_EQUAL greedy tokens are equal. Mixed-precision config groups are not a kind
-yet (llmzip writes one group).
+the first MIN_EQUAL greedy tokens are equal.
 
     bash bench/test_vllm.sh          # sets up bench/.venvs/vllmcpu, then runs this
 
@@ -40,7 +41,8 @@ KNOWN_LIMITS: dict[str, str] = {
 }
 
 
-KIND_ORDER = ("w4g64-sym", "w8-channel", "w4g64-asym", "moe-mixtral", "act-order", "fp8-kv", "gptq-desc-act-convert")
+KIND_ORDER = ("w4g64-sym", "w8-channel", "w4g64-asym", "moe-mixtral", "act-order", "fp8-kv", "gptq-desc-act-convert",
+              "mixed-w4w8")
 
 
 def build_kind(kind: str, base_dir: Path, tok) -> dict:
@@ -61,6 +63,7 @@ def build_kind(kind: str, base_dir: Path, tok) -> dict:
         "act-order": dict(config=QuantConfig(method="gptq", weights=WeightScheme(4, 64, True),
                                              gptq=GPTQSettings(act_order=True, static_groups=True))),
         "fp8-kv": dict(config=QuantConfig(weights=WeightScheme(4, 64, True), kv_cache="fp8"), kv="fp8"),
+        "mixed-w4w8": dict(config=QuantConfig(weights=WeightScheme(4, 64, True), avg_bits=5.0, bits_choices=(4, 8))),
     }
     spec, path = specs[kind], WORK / kind
     if not (path / "config.json").exists():

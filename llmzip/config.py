@@ -91,11 +91,19 @@ class ClipSearch:
 
     grid: number of ratios tried, evenly spaced in [min_ratio, 1].
     norm: exponent of the error (2.0 = MSE; 2.4 as in some AWQ/GPTQ tools).
+    signed: symmetric schemes also try each ratio with the range's larger end mapped onto
+        qmin (a negative scale where that end is positive: primitives.signed_qparams),
+        which gives that side all 2^b levels, as llama.cpp's Q4_0 does.
+    refit: symmetric schemes then refit the chosen scale this many times by least
+        squares for its codes (the scale minimising the error for fixed codes), keeping
+        each refit only where it lowers the error.
     """
 
     grid: int = 20
     min_ratio: float = 0.5
     norm: float = 2.0
+    signed: bool = True
+    refit: int = 2
 
     def __post_init__(self):
         if self.grid < 1:
@@ -104,6 +112,8 @@ class ClipSearch:
             raise ConfigError(f"clip min_ratio={self.min_ratio} must be in (0, 1]")
         if self.norm <= 0:
             raise ConfigError(f"clip norm={self.norm} must be positive")
+        if self.refit < 0:
+            raise ConfigError(f"clip refit={self.refit} must be 0 or more")
 
     def ratios(self) -> list[float]:
         if self.grid == 1:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from .algorithms import rtn
 from .config import ConfigError, QuantConfig, WeightScheme
+from .kernels.cpu_dense import fp32_products
 from .packing import packed_len
 
 log = logging.getLogger("llmzip")
@@ -133,17 +134,21 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ((y - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-12)).sum().double()
 
 
-@torch.no_grad()
 def measure_sensitivity(model: nn.Module, ids: torch.Tensor, targets: list[str], config: QuantConfig,
                         device=None, progress: bool = True, tokens: int | None = None,
                         ) -> dict[str, dict[int, float]]:
     """{unit: {width: mean relative layer-output error}} for every unit of `targets`
     (Linears inside decoder layers) and every width of config.bits_choices, on the first
     `tokens` (default SENSITIVITY_TOKENS) calibration tokens."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.no_grad(), fp32_products(device):
+        return _sensitivity(model, ids, targets, config, device, progress, tokens)
+
+
+def _sensitivity(model, ids, targets, config, device, progress, tokens) -> dict[str, dict[int, float]]:
     from .arch import decoder_layers
     from .sequential import batched, capture_inputs
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
     outside = [t for t in targets if not t.startswith(prefix)]

@@ -5,6 +5,8 @@ Conventions (shared with the compressed-tensors format):
   [j*G, (j+1)*G). Per-channel is one group of width `in`.
 - scale: [out, n_groups] in the storage dtype (the model dtype); all rounding is done
   against the scale *as stored*, so dequantization of the checkpoint is exact.
+  Symmetric scales may be negative (signed_qparams): the grid [qmin, qmax] * scale then
+  reaches further on the positive side. Every consumer only multiplies by the scale.
 - zero: [out, n_groups] int8 in [qmin, qmax] (asymmetric only), else None.
 - q: [out, in] int8 signed codes in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1].
 - dequant: (q - zero) * scale (zero = 0 when symmetric).
@@ -61,14 +63,32 @@ def _div(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast the scale to its storage dtype, stepping one ulp up where the cast rounded
-    down, so the stored scale still covers [lo, hi] (a bf16 cast can shrink it by 0.4%)."""
+    """Cast the scale to its storage dtype, stepping one ulp away from zero where the cast
+    shrank its magnitude, so the stored scale still covers [lo, hi] (a bf16 cast can shrink
+    it by 0.4%). Negative scales (signed_qparams) keep their sign."""
     stored = scale.to(dtype)
-    too_small = stored.float() < scale
+    too_small = stored.float().abs() < scale.abs()
     if too_small.any():
-        up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+        away = torch.where(scale < 0, float("-inf"), float("inf")).to(stored.dtype)
+        up = torch.nextafter(stored, away)
         stored = torch.where(too_small, up, stored)
     return stored
+
+
+def signed_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric scale that maps the range's larger-magnitude end onto qmin, the grid's
+    longer side: negative where that end is positive. All 2^b levels then cover the
+    extreme's side (step |extreme| / 2^(b-1) instead of / (2^(b-1) - 1) when the extreme
+    is positive: 8/7 finer at 4 bits, 2x at 2 bits), as llama.cpp's Q4_0 does; values of
+    the other sign beyond qmax * |scale| clip by less than one step.
+    """
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    tiny = torch.finfo(scale_dtype).tiny * 16
+    extreme = torch.where(hi > -lo, hi, lo)
+    scale = _div(extreme, scheme.qmin)
+    scale = torch.where(scale < 0, scale.clamp(max=-tiny), scale.clamp(min=tiny))
+    return round_up_to_dtype(scale, scale_dtype)
 
 
 def quantize(
@@ -123,9 +143,11 @@ def mse_clip_qparams(
     clip: ClipSearch,
     hessian: torch.Tensor | None = None,
 ):
-    """Per group, shrink the min/max range by each ratio of `clip` and keep the one
-    with the lowest error. Ratio 1.0 is always tried, so the result is never worse
-    than `minmax_qparams` on that objective.
+    """Per group, shrink the min/max range by each ratio of `clip` (symmetric schemes:
+    also with the sign-flipped grid, clip.signed) and keep the one with the lowest error;
+    symmetric schemes then refit that scale by least squares for its codes (clip.refit
+    rounds, each kept only where it lowers the error). Ratio 1.0 is always tried, so the
+    result is never worse than `minmax_qparams` on that objective.
 
     The error is sum |w - dq(q(w))|^norm over the group, or, with `hessian` [in, in]
     (one group spanning all of w's columns), the layer-output error e H e^T of each
@@ -149,8 +171,10 @@ def mse_clip_qparams(
 
     lo, hi = wg.amin(-1), wg.amax(-1)
     best_err = best_scale = best_zero = None
-    for r in clip.ratios():
-        scale, zero = qparams_from_range(lo * r, hi * r, scheme, scale_dtype)
+    candidates = [qparams_from_range(lo * r, hi * r, scheme, scale_dtype) for r in clip.ratios()]
+    if scheme.symmetric and clip.signed:
+        candidates += [(signed_qparams(lo * r, hi * r, scheme, scale_dtype), None) for r in clip.ratios()]
+    for scale, zero in candidates:
         err = error(scale, zero, h_screen)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
@@ -160,6 +184,21 @@ def mse_clip_qparams(
         best_scale = torch.where(better, scale, best_scale)
         if zero is not None:
             best_zero = torch.where(better, zero, best_zero)
+    if scheme.symmetric:
+        for _ in range(clip.refit):
+            q = quantize(w, best_scale, None, scheme).float()
+            if hessian is None:
+                qg = _grouped(q, scheme)
+                num, den = (qg * wg).sum(-1), (qg * qg).sum(-1)
+            else:
+                qh = torch.mm(q, hessian.float())
+                num, den = (qh * w.float()).sum(-1, keepdim=True), (qh * q).sum(-1, keepdim=True)
+            refit = torch.where(den > 0, num / den.clamp(min=1e-30), best_scale.float()).to(scale_dtype)
+            refit = torch.where(refit == 0, best_scale, refit)
+            err = error(refit, None, h_screen)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, refit, best_scale)
     if screen:  # the exact check against min/max (ratio 1.0)
         scale, zero = qparams_from_range(lo, hi, scheme, scale_dtype)
         keep = error(scale, zero, hessian) <= error(best_scale, best_zero, hessian)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers
 from .config import QuantConfig
+from .kernels.cpu_dense import fp32_products
 from .moe import expert_token_counts
 from .quant_linear import QuantLinear, cached_dense_weights
 from .resume import LayerCheckpoints
@@ -122,6 +123,11 @@ def calibrate_model(
     meta device; each is read from disk just before it is quantized. Returns {"layers": per-Linear stats, "blocks": per-layer stats}.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with fp32_products(device):
+        return _calibrate(model, config, ids, targets, device, progress, checkpoints, resume, lazy)
+
+
+def _calibrate(model, config, ids, targets, device, progress, checkpoints, resume, lazy) -> dict:
     arch = arch_of(model)
     layers = decoder_layers(model)
     prefix = _prefix(model, layers)

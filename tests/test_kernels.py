@@ -18,13 +18,17 @@ K, N = 192, 72  # neither is a multiple of the tiles (masking), both divisible b
 
 
 def layer(bits=4, group=32, symmetric=True, act_order=None, k=K, n=N, seed=0, dtype=torch.float32):
-    """A QuantLinear with random codes, scales, zero points and (optionally) g_idx.
+    """A QuantLinear with random codes, scales (of either sign when symmetric), zero points
+    and (optionally) g_idx.
     act_order: None, "uniform" (a permutation of equal groups, as GPTQ writes) or "ragged"."""
     g = torch.Generator().manual_seed(seed)
     scheme = WeightScheme(bits, group, symmetric)
     n_groups = 1 if group is None else k // group
     q = torch.randint(scheme.qmin, scheme.qmax + 1, (n, k), generator=g, dtype=torch.int8)
-    scale = (torch.rand(n, n_groups, generator=g) * 0.02 + 0.005).to(dtype)
+    scale = torch.rand(n, n_groups, generator=g) * 0.02 + 0.005
+    if symmetric:  # symmetric searches store negative scales too (primitives.signed_qparams)
+        scale = scale * (torch.randint(0, 2, scale.shape, generator=g) * 2 - 1)
+    scale = scale.to(dtype)
     zero = None if symmetric else torch.randint(scheme.qmin, scheme.qmax + 1, (n, n_groups), generator=g,
                                                 dtype=torch.int8)
     g_idx = None
@@ -383,3 +387,31 @@ def test_cpu_dense_prepacks_only_bf16_dense_linears():
     assert cpu_dense.prepacked(q) is q and cpu_dense.available(q)[1] == "not a dense nn.Linear"
     with pytest.raises(ValueError, match="cannot prepack this layer: not a dense nn.Linear"):
         cpu_dense.PackedLinear(q)
+
+
+def test_fp32_products_round_each_bf16_product_once(monkeypatch):
+    """kernels/cpu_dense.fp32_products on a CPU without native bf16 (forced here on any CPU):
+    bf16 linears and matmuls return the fp32 product of their bf16 inputs rounded once to
+    bf16, exactly; other dtypes and other ops pass through untouched, and a CPU with native
+    bf16 (or a GPU device) gets no mode at all."""
+    import contextlib
+
+    from llmzip.kernels import cpu_dense
+
+    monkeypatch.setattr(cpu_dense, "native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((2, 5, 33), (17, 33), (17,)))
+    with cpu_dense.fp32_products("cpu"):
+        y_lin = torch.nn.functional.linear(x, w, b)
+        y_mm = torch.mm(x[0], w.t())
+        y_at = x @ w.t()
+        y_f32 = torch.mm(x[0].float(), w.t().float())
+        y_add = x + x  # not a product: untouched
+    assert y_lin.dtype == y_mm.dtype == y_at.dtype == torch.bfloat16 and y_f32.dtype == torch.float32
+    assert torch.equal(y_lin, torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16())
+    assert torch.equal(y_mm, (x[0].float() @ w.float().t()).bfloat16())
+    assert torch.equal(y_at, (x.float() @ w.float().t()).bfloat16())
+    assert torch.equal(y_add, x + x)
+    assert isinstance(cpu_dense.fp32_products("meta"), contextlib.nullcontext)
+    monkeypatch.setattr(cpu_dense, "native_bf16", lambda: True)
+    assert isinstance(cpu_dense.fp32_products("cpu"), contextlib.nullcontext)

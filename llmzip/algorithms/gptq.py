@@ -13,6 +13,7 @@ import logging
 import torch
 
 from ..config import ClipSearch, GPTQSettings, WeightScheme
+from ..kernels.cpu_dense import native_bf16
 from ..primitives import minmax_qparams, mse_clip_qparams
 from .rtn import QuantResult
 
@@ -25,10 +26,12 @@ class HessianAccumulator:
     H is symmetric, so each add computes only the block rows of its upper triangle
     (about 60% of the multiply-adds of a full x^T x); `H` mirrors it when read.
 
-    bf16 activations on CPU are multiplied in bf16: the products of bf16 values are
-    exact in the GEMM's fp32 accumulator, so the only extra rounding is that of each
-    call's partial sum to bf16 (2^-9 relative) before it is added into the fp32 total,
-    for twice the speed of an fp32 GEMM there. Other inputs are multiplied in fp32.
+    bf16 activations on a CPU with native bf16 matmuls (cpu_dense.native_bf16) are
+    multiplied in bf16: the products of bf16 values are exact in the GEMM's fp32
+    accumulator, so the only extra rounding is that of each call's partial sum to bf16
+    (2^-9 relative) before it is added into the fp32 total, for twice the speed of an
+    fp32 GEMM there. Other inputs, and every input on other CPUs (where torch's bf16 GEMM
+    is a scalar loop), are multiplied in fp32.
     """
 
     BLOCK = 128
@@ -40,7 +43,7 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         """x: [..., in_features] activations entering the Linear layer."""
         x = x.reshape(-1, x.shape[-1]).to(self._upper.device)
-        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and native_bf16()):
             x = x.float()
         m = x.shape[0]
         self._upper *= self.n / (self.n + m)
