@@ -82,13 +82,10 @@ def signed_qparams(lo: torch.Tensor, hi: torch.Tensor, scheme: WeightScheme, sca
     is positive: 8/7 finer at 4 bits, 2x at 2 bits), as llama.cpp's Q4_0 does; values of
     the other sign beyond qmax * |scale| clip by less than one step.
     """
-    lo = torch.clamp(lo.float(), max=0.0)
-    hi = torch.clamp(hi.float(), min=0.0)
-    tiny = torch.finfo(scale_dtype).tiny * 16
-    extreme = torch.where(hi > -lo, hi, lo)
-    scale = _div(extreme, scheme.qmin)
-    scale = torch.where(scale < 0, scale.clamp(max=-tiny), scale.clamp(min=tiny))
-    return round_up_to_dtype(scale, scale_dtype)
+    lo, hi = torch.clamp(lo.float(), max=0.0), torch.clamp(hi.float(), min=0.0)
+    flip = hi > -lo  # the positive end is the larger: mirror the range, then negate the scale
+    scale, _ = qparams_from_range(torch.where(flip, -hi, lo), torch.zeros_like(hi), scheme, scale_dtype)
+    return torch.where(flip, -scale, scale)
 
 
 def quantize(
