@@ -2,8 +2,8 @@
 own Q4_0 of the same bf16 SmolLM2-135M, with and without an importance matrix.
 
 Files (under bench/.work/gguf/):
-- llmzip-{rtn,gptq,awq}.gguf: `llmzip quantize --method M --bits 4 --group-size 32` (sym),
-  then llmzip's GGUF export (Q4_0 blocks of llmzip's codes; embeddings stay bf16).
+- llmzip-{M}.gguf: `llmzip quantize --bits 4 --group-size 32` (sym) with the options of METHODS[M]
+  below, then llmzip's GGUF export (Q4_0 blocks of llmzip's codes; embeddings stay bf16).
 - bf16.gguf: llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) on the
   same bf16 checkpoint; llamacpp-q4_0.gguf / llamacpp-q4_0-imatrix.gguf: llama-quantize
   Q4_0 with --token-embedding-type bf16 (as llmzip keeps it), the second with an imatrix
@@ -34,6 +34,7 @@ import torch
 
 from llmzip import QuantConfig, WeightScheme, load, quantize
 from llmzip.calibration import CalibConfig, calibration_ids
+from llmzip.config import GPTQSettings
 from llmzip.data import load_text
 from llmzip.eval.perplexity import perplexity, tokenize
 from llmzip.gguf_export import export_gguf
@@ -50,7 +51,16 @@ TOOLS = HERE / ".venvs" / "llamacpp-tools" / "bin"
 CONVERT_PY = HERE / ".venvs" / "ggufconvert" / "bin" / "python"  # llmzip's packages + mistral-common
 CTX, WINDOWS, NEW_TOKENS, THREADS = 2048, 8, 32, 2
 CALIB = CalibConfig(samples=32, seq_len=512)
-METHODS = ("rtn", "gptq", "awq")
+# name: (QuantConfig fields, the `llmzip quantize` options that give them)
+METHODS = {
+    "rtn": ({"method": "rtn"}, "--method rtn"),
+    "gptq": ({"method": "gptq"}, "--method gptq"),
+    "awq": ({"method": "awq"}, "--method awq"),
+    "gptq-ao": ({"method": "gptq", "gptq": GPTQSettings(act_order=True, static_groups=True)},
+                "--method gptq --act-order"),
+    "gptq-ao-refit": ({"method": "gptq", "gptq": GPTQSettings(act_order=True, static_groups=True, scale_refit=2)},
+                      "--method gptq --act-order --scale-refit 2"),
+}
 PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published",
            "Water boils at a temperature of", "The largest planet in the solar system"]
 
@@ -135,8 +145,9 @@ def llmzip_rows(base, base_dir, ids, prompts, methods, with_ppl: bool, fresh: bo
         quant_s = None  # None: the checkpoint of an earlier run was reused
         if not (ckpt / "config.json").exists():
             t0 = time.perf_counter()
-            quantize(str(base_dir), QuantConfig(method=method, weights=WeightScheme(4, 32, True)),
-                     output_dir=ckpt, calib=CALIB if method != "rtn" else None, progress=True)
+            fields = METHODS[method][0]
+            quantize(str(base_dir), QuantConfig(weights=WeightScheme(4, 32, True), **fields),
+                     output_dir=ckpt, calib=CALIB if fields["method"] != "rtn" else None, progress=True)
             quant_s = round(time.perf_counter() - t0, 1)
         export = export_gguf(ckpt, gguf_file)
         model = load(ckpt)
@@ -144,7 +155,7 @@ def llmzip_rows(base, base_dir, ids, prompts, methods, with_ppl: bool, fresh: bo
         for p in prompts:
             out = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)
             greedy.append(out[0, len(p):].tolist())
-        rows[label] = {"quant_s": quant_s, "greedy_llmzip": greedy,
+        rows[label] = {"options": METHODS[method][1], "quant_s": quant_s, "greedy_llmzip": greedy,
                        "inexact_blocks": export["inexact_blocks"]}
         if with_ppl:
             rows[label]["llmzip_ppl"] = perplexity(model, ids, ctx=CTX, max_windows=WINDOWS, progress=False).ppl
@@ -192,13 +203,13 @@ def _markdown(r: dict) -> str:
              f"{r['calibration']['seed']}); imatrix: {r['calibration']['imatrix']}. llama-cpp-python "
              f"{r['llama_cpp_python']}, {r['threads']} threads. Machine: {r['machine']}. "
              f"Command: `{r['command']}`.", "",
-             "| model | ppl (llama.cpp) | ppl (llmzip) | file MiB | greedy tokens equal (of "
-             f"{r['greedy']['new_tokens']}, per prompt) | tokenizer = HF |",
-             "|---|---:|---:|---:|---|---|"]
+             "| model | llmzip quantize options (W4 g32 sym) | ppl (llama.cpp) | ppl (llmzip) | file MiB | "
+             f"greedy tokens equal (of {r['greedy']['new_tokens']}, per prompt) | tokenizer = HF |",
+             "|---|---|---:|---:|---:|---|---|"]
     for label, row in r["rows"].items():
         lc = f"{row['ppl_llamacpp']:.3f}" if "ppl_llamacpp" in row else "-"
         lz = row.get("llmzip_ppl")
-        lines.append(f"| {label} | {lc} | {'-' if lz is None else f'{lz:.3f}'} | {row.get('file_mib', '-')} | "
+        lines.append(f"| {label} | {row.get('options', '-')} | {lc} | {'-' if lz is None else f'{lz:.3f}'} | {row.get('file_mib', '-')} | "
                      f"{row.get('greedy_equal_tokens', '-')} | {row.get('tokenizer_matches_hf', '-')} |")
     return "\n".join(lines + ["", BASE_NOTE, "", ROPE_NOTE, "", REPACK_NOTE, "", KQUANT_NOTE]) + "\n"
 
@@ -215,7 +226,7 @@ ROPE_NOTE = ("bf16.gguf is convert_hf_to_gguf.py's output with `llama.rope.freq_
 REPACK_NOTE = """## Weight repacking is off
 
 llama-cpp-python runs here with `use_extra_bufts = false`, llama.cpp's `--no-repack`. With
-repacking on, every Q4_0 file of this bench scores perplexity 300-500 on this AVX512/AMX Xeon,
+repacking on, every Q4_0 file of this bench scored perplexity 300-500 on an AVX512/AMX Xeon,
 llama.cpp's own as much as llmzip's, while bf16 scores normally. With llama.cpp's own tool
 (`bench/.venvs/llamacpp-tools/bin/llama-perplexity -m F -f wiki.txt -c 1024 --chunks 2 -t 2 [-nr]`,
 wiki.txt the first 40000 characters of the built-in wiki text), 2026-12-05:

@@ -21,6 +21,8 @@ base_dir = demo_checkpoint("smollm2-135m")
 variants = {
  "awq+gptq-ao-clip": dict(method="awq+gptq", clip=ClipSearch(), gptq=GPTQSettings(act_order=True, static_groups=True)),
  "gptq-ao-signed-refit": dict(method="gptq", gptq=GPTQSettings(act_order=True, static_groups=True)),
+ "gptq-ao-refit2": dict(method="gptq", gptq=GPTQSettings(act_order=True, static_groups=True, scale_refit=2)),
+ "gptq-refit2": dict(method="gptq", gptq=GPTQSettings(scale_refit=2)),
  "gptq-unsigned": dict(method="gptq", clip=ClipSearch(signed=False, refit=0)),
  "gptq-signed-norefit": dict(method="gptq", clip=ClipSearch(refit=0)),
  "gptq": dict(method="gptq"),

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmzip.kernels.cpu_dense import fp32_products
+
 from .perplexity import windows
 
 
@@ -74,8 +76,10 @@ def kl_divergence(base, model, token_ids: torch.Tensor, ctx: int = 2048, max_win
     t0 = time.perf_counter()
     for start, end, first in tqdm(spans, desc=f"kld ctx={ctx}", unit="win", disable=not progress):
         ids = token_ids[start:end].unsqueeze(0)
-        p = base(ids.to(_device(base)), use_cache=False).logits[0, :-1].float().cpu()
-        q = model(ids.to(_device(model)), use_cache=False).logits[0, :-1].float().cpu()
+        with fp32_products(_device(base)):  # bf16 products in fp32 on CPUs without native bf16
+            p = base(ids.to(_device(base)), use_cache=False).logits[0, :-1].float().cpu()
+        with fp32_products(_device(model)):
+            q = model(ids.to(_device(model)), use_cache=False).logits[0, :-1].float().cpu()
         keep = slice(first - start - 1, None)  # logits[i] predicts token start + i + 1
         p, q, targets = p[keep], q[keep], ids[0, 1:][keep]
         klds.append(token_kld(p, q))

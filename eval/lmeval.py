@@ -56,10 +56,13 @@ def run_lm_eval(model, tokenizer, names: list[str], limit: int | None = None, ba
 
     import lm_eval
 
+    from llmzip.kernels.cpu_dense import fp32_products
+
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=hflm(model, tokenizer, batch_size), tasks=list(names), limit=limit,
-                                  num_fewshot=num_fewshot, task_manager=_manager(include_path),
-                                  log_samples=log_samples)
+    with fp32_products(next(model.parameters()).device):  # bf16 products in fp32 on CPUs without native bf16
+        out = lm_eval.simple_evaluate(model=hflm(model, tokenizer, batch_size), tasks=list(names), limit=limit,
+                                      num_fewshot=num_fewshot, task_manager=_manager(include_path),
+                                      log_samples=log_samples)
     seconds = round(time.perf_counter() - t0, 2)
     results = []
     for task, metrics in out["results"].items():

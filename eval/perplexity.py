@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmzip.kernels.cpu_dense import fp32_products
+
 
 @dataclass
 class PerplexityResult:
@@ -122,7 +124,13 @@ def perplexity(
 
 
 def _logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int, scales=None) -> torch.Tensor:
-    """fp32 logits [T, vocab] of one window, through a quantized KV cache when asked."""
+    """fp32 logits [T, vocab] of one window, through a quantized KV cache when asked.
+    bf16 products run in fp32 on CPUs without native bf16 matmuls (cpu_dense.fp32_products)."""
+    with fp32_products(ids.device):
+        return _window_logits(model, ids, kv_cache, kv_chunk, scales)
+
+
+def _window_logits(model, ids: torch.Tensor, kv_cache, kv_chunk: int, scales=None) -> torch.Tensor:
     if kv_cache is None:
         return model(ids, use_cache=False).logits[0].float()
     from llmzip.kv_cache import QuantizedKVCache, cache_kwarg

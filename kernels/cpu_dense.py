@@ -70,9 +70,8 @@ class _Fp32Products(TorchFunctionMode):
 def fp32_products(device) -> contextlib.AbstractContextManager:
     """Within it, bf16 matmuls and linears on the CPU run in fp32 (inputs upcast,
     the result rounded once to bf16), where this CPU has no native bf16 matmul; elsewhere
-    it does nothing. For bulk forwards of a bf16 model in calibration: on an
-    AVX2 CPU torch's bf16 GEMM is a scalar loop, 3x (sliced Hessian updates) to 190x
-    (a contiguous 128 x 16384 by 16384 x 1536 product) slower than fp32 on an AMD EPYC.
+    it does nothing. For bulk forwards of a bf16 model in calibration and evaluation: on
+    an AVX2 CPU torch's bf16 GEMM is a scalar loop (bench/bf16_products.py measures both).
     The results are the bf16 inputs' exact products summed in fp32, as bf16 GEMMs sum
     them, in another order."""
     if torch.device(device).type != "cpu" or native_bf16():

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated with the earlier groups already quantized (one extra pass per group)")
     c.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay contiguous)")
+    c.add_argument("--scale-refit", type=int, default=0, metavar="N",
+                   help="GPTQ: N rounds of refitting the scales by least squares on the layer-output error for "
+                        "the codes chosen, then rounding again onto them (each round about one more GPTQ solve; "
+                        "default: 0)")
     c.add_argument("--iters", type=int, default=None,
                    help="SignRound: signed-gradient steps per decoder layer (default: 200, AutoRound's recipe)")
     c.add_argument("--signround-batch", type=int, default=None,

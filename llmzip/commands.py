@@ -29,7 +29,7 @@ def quantize(args) -> int:
     auto_group = args.group_size == "auto"
     config = QuantConfig(
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
-                          true_sequential=args.true_sequential),
+                          true_sequential=args.true_sequential, scale_refit=args.scale_refit),
         signround=SignRoundSettings(**{k: v for k, v in (("iters", args.iters), ("batch", args.signround_batch))
                                        if v is not None}),
         method=args.method,

@@ -133,7 +133,12 @@ class GPTQSettings:
     the order the forward pass uses them (Linears reading the same input form a group:
     q/k/v, then o, then gate/up, then down) and collect each group's Hessian with the
     groups before it already quantized. Costs one extra pass over the calibration set
-    per group."""
+    per group.
+    scale_refit: after rounding, this many rounds of: refit every group's scale by least
+    squares on the layer-output error for the codes chosen (the normal equations of
+    tr(E H E^T), which see H's cross-group terms), then round again onto those scales;
+    each output row keeps the candidate with the lowest output error. Each round costs
+    about one more GPTQ solve."""
 
     damp: float = 0.01
     max_damp: float = 10.0
@@ -141,8 +146,11 @@ class GPTQSettings:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = False
+    scale_refit: int = 0
 
     def __post_init__(self):
+        if self.scale_refit < 0:
+            raise ConfigError(f"GPTQ scale_refit={self.scale_refit} must be 0 or more")
         if not 0 < self.damp <= self.max_damp:
             raise ConfigError(f"GPTQ damp={self.damp} must be in (0, max_damp={self.max_damp}]")
         if self.block_size < 1:

@@ -95,12 +95,15 @@ def gptq(
     scheme: WeightScheme,
     settings: GPTQSettings = GPTQSettings(),
     clip: ClipSearch | None = None,
+    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[QuantResult, dict]:
     """Quantize weight [out, in] given the input Hessian H [in, in] (fp32).
 
     Returns (QuantResult, info) where info = {"damp": used damping}. With act_order
     (and not static_groups) the result carries g_idx [in]: the group of each column
     in the checkpoint's natural column order; scale/zero are indexed by that group.
+    fixed: (scale, zero) [out, n_groups] to round onto instead of choosing them; used by
+    settings.scale_refit, which alternates rounding with a least-squares scale refit.
     """
     out_f, in_f = weight.shape
     dtype = weight.dtype
@@ -113,6 +116,11 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
+    W0, H0 = W.clone(), H.clone()
+    if fixed is not None:
+        fixed_s, fixed_z = fixed
+        fixed_s = fixed_s.to(W.device)
+        fixed_z = None if fixed_z is None else fixed_z.to(W.device)
     # Per-channel: one group, fixed up front. Grouped: computed below, per group.
     static = _group_qparams(W, scheme, dtype, clip, H) if scheme.group_size is None else None
     perm = None
@@ -138,7 +146,11 @@ def gptq(
         Q1 = torch.empty_like(W1)
         for j in range(i2 - i1):
             c = i1 + j  # position in (possibly permuted) order
-            if static is not None:  # per-channel
+            if fixed is not None:
+                g = 0 if static is not None else (order[c] // G if settings.static_groups else c // G)
+                s = fixed_s[:, g:g + 1]
+                z = None if fixed_z is None else fixed_z[:, g:g + 1]
+            elif static is not None:  # per-channel
                 g, (s, z) = 0, static
             elif settings.act_order and settings.static_groups:
                 g = order[c] // G
@@ -173,4 +185,93 @@ def gptq(
         Q = Q[:, inv]
         if not settings.static_groups and scheme.group_size is not None:
             g_idx = col_group[inv.cpu()].to(torch.int32)
-    return QuantResult(Q, scales, None if scheme.symmetric else zeros, g_idx), {"damp": damp}
+    res = QuantResult(Q, scales, None if scheme.symmetric else zeros, g_idx)
+    info = {"damp": damp}
+    if fixed is None and settings.scale_refit:
+        res, info["refit_gain"] = _refine(W0, H0, res, scheme, settings)
+    return res, info
+
+
+def output_error(W: torch.Tensor, H: torch.Tensor, res: QuantResult, group_size: int | None) -> torch.Tensor:
+    """Per output row, tr(E H E^T) with E = W - dequant(res): the layer-output error
+    GPTQ minimises (H = 2/n sum x x^T). W, H fp32; returns [out] fp32."""
+    E = W - res.dequantize(group_size).to(W.device)
+    return ((E @ H) * E).sum(1)
+
+
+def _column_groups(res: QuantResult, scheme: WeightScheme, in_f: int) -> torch.Tensor:
+    """Group index of each input column in natural order."""
+    if res.g_idx is not None:
+        return res.g_idx.long().to(res.q.device)
+    G = scheme.group_size or in_f
+    return torch.arange(in_f, device=res.q.device) // G
+
+
+@torch.no_grad()
+def refit_scales(W: torch.Tensor, H: torch.Tensor, res: QuantResult, scheme: WeightScheme,
+                 ridge: float = 1e-6, max_elems: int = 1 << 25) -> torch.Tensor:
+    """Scales [out, n_groups] (fp32) minimising tr(E H E^T) for res's codes and zeros.
+
+    Each row's dequantized weight is A s, where A [in, n_groups] holds the row's centred
+    codes (q - zero) in the column of their group, so the best scales solve the normal
+    equations (A^T H A) s = A^T H w: one n_groups x n_groups system per row. Unlike a
+    per-group weight-MSE refit, this sees the cross-group terms of H. A ridge of
+    `ridge` x the mean diagonal pulls towards the current scales, so a group whose codes
+    are all zero keeps its scale. Rows are solved in chunks of at most `max_elems`
+    intermediate elements."""
+    out_f, in_f = W.shape
+    n_groups = res.scale.shape[1]
+    cols = _column_groups(res, scheme, in_f)
+    order = torch.argsort(cols, stable=True)
+    Gs = in_f // n_groups
+    zero = 0.0 if res.zero is None else torch.repeat_interleave(res.zero.float(), Gs, dim=1)
+    C = (res.q.float()[:, order] - zero)  # groups contiguous after `order`
+    Hp = H[order][:, order]
+    b = ((W[:, order] @ Hp) * C).view(out_f, n_groups, Gs).sum(-1)
+    old = res.scale.float()
+    new = torch.empty_like(old)
+    Hg = Hp.view(n_groups, Gs, in_f)
+    eye = torch.eye(n_groups, device=W.device)
+    step = max(1, max_elems // (n_groups * in_f))
+    for r0 in range(0, out_f, step):
+        c = C[r0:r0 + step].view(-1, n_groups, Gs)
+        Y = torch.bmm(c.transpose(0, 1), Hg)  # [ng, r, in]: the group's codes times H
+        M = (Y.view(n_groups, -1, n_groups, Gs) * c.unsqueeze(0)).sum(-1).permute(1, 0, 2)
+        lam = ridge * M.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        rhs = b[r0:r0 + step] + lam[:, :, 0] * old[r0:r0 + step]
+        new[r0:r0 + step] = torch.linalg.solve(M + lam * eye, rhs)
+    return new
+
+
+def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, scheme: WeightScheme,
+            settings: GPTQSettings) -> tuple[QuantResult, float]:
+    """settings.scale_refit rounds of: refit the scales for the codes (refit_scales),
+    then round again onto the refitted scales (GPTQ with them fixed). Each row keeps
+    whichever candidate has the lowest output error. Returns the result and the ratio
+    of its total output error to the first rounding's."""
+    G = scheme.group_size
+    best = res
+    err = output_error(W, H, best, G)
+    first = err.sum().item()
+    plain = GPTQSettings(damp=settings.damp, max_damp=settings.max_damp, block_size=settings.block_size,
+                         act_order=settings.act_order, static_groups=settings.static_groups)
+    for _ in range(settings.scale_refit):
+        s = refit_scales(W, H, best, scheme)
+        if not scheme.symmetric:  # asymmetric grids keep positive scales
+            s = torch.where(s > 0, s, best.scale.float())
+        fitted = QuantResult(best.q, s.to(best.scale.dtype), best.zero, best.g_idx)
+        again, _ = gptq(W, H, scheme, plain, fixed=(fitted.scale, fitted.zero))
+        for cand in (fitted, again):
+            e = output_error(W, H, cand, G)
+            better = e < err
+            if better.any():
+                best = _take_rows(best, cand, better)
+                err = torch.where(better, e, err)
+    return best, err.sum().item() / max(first, 1e-30)
+
+
+def _take_rows(a: QuantResult, b: QuantResult, rows: torch.Tensor) -> QuantResult:
+    """a with the output rows where `rows` is true taken from b (same g_idx)."""
+    r = rows[:, None]
+    zero = None if a.zero is None else torch.where(r, b.zero, a.zero)
+    return QuantResult(torch.where(r, b.q, a.q), torch.where(r, b.scale, a.scale), zero, a.g_idx)
