@@ -14,12 +14,12 @@ the HF tokenizer, each scored on tokens 2..CTX from llama-cpp-python's logits
 beside it. Greedy: NEW_TOKENS tokens after each prompt, llama.cpp vs llmzip (cpu kernels).
 
     bash bench/build_llamacpp_tools.sh   # libllama + llama-quantize/imatrix, the llamacpp venv
-    .venv/bin/python bench/gguf_llamacpp.py [--methods rtn,gptq,awq] [--llmzip-ppl] [--llmzip-only] [--fresh]
+    .venv/bin/python bench/gguf_llamacpp.py [--methods rtn,gptq,awq] [--llmzip-ppl] [--llmzip-only] [--fresh] [--tag TAG]
 
 --llmzip-only runs the llmzip half (quantize, export, greedy; llmzip's own perplexity too with
 --llmzip-ppl, slow in bf16 on CPUs without bf16 matmuls) and keeps each method's row in
 bench/.work/gguf/llmzip_rows.json for the full run; --fresh redoes them.
-Writes bench/results/gguf_llamacpp.{json,md}.
+Writes bench/results/gguf_llamacpp.{json,md}, or gguf_llamacpp_TAG.{json,md} with --tag TAG.
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ def write_results(rows, ggufs, windows, prompts) -> None:
               "greedy": {"prompts": PROMPTS, "new_tokens": NEW_TOKENS},
               "llama_cpp_python": lc["llama_cpp_python"], "threads": THREADS, "machine": describe(),
               "command": " ".join([".venv/bin/python bench/gguf_llamacpp.py", *sys.argv[1:]]), "rows": rows}
-    (HERE / "results" / "gguf_llamacpp.json").write_text(json.dumps(result, indent=2) + "\n")
-    (HERE / "results" / "gguf_llamacpp.md").write_text(_markdown(result))
+    stem = "gguf_llamacpp" + (f"_{_arg('--tag', '')}" if "--tag" in sys.argv else "")
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (HERE / "results" / f"{stem}.md").write_text(_markdown(result))
     print(_markdown(result))
 
 

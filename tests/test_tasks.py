@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmzip.eval import tasks
+from llmzip.kernels.cpu_dense import fp32_products
 from llmzip.eval.tasks import (extract_gsm8k_answer, gpqa_items, gpqa_prompt, gsm8k_items, mc_prediction,
                                normalize_number, stderr, strip_calculator, wiki_cloze_items)
 
@@ -102,7 +103,8 @@ def test_continuation_scores_match_a_full_forward(smol):
     model, tok = smol
     ctx, cont = tok("The capital of France is")["input_ids"], tok(" Paris")["input_ids"]
     logp, greedy = tasks.continuation_scores(model, ctx, cont)
-    with torch.no_grad():
+    # the same products as the scorer (bf16 in fp32 on CPUs without native bf16 matmuls)
+    with torch.no_grad(), fp32_products(model.device):
         full = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
     expected = sum(full[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
     assert logp == pytest.approx(expected, abs=CONTINUATION_LOGP_TOL)
