@@ -199,8 +199,8 @@ def test_fp8_activations_refuse_an_unquantized_model(tmp_path):
         load_for_eval(str(tmp_path / "dense"), activations="fp8")
 
 
-# 2 windows of 512 tokens, |fp8 / fp16 - 1|: measured +2.80% with the products in fp32 (as eval runs them on
-# CPUs without native bf16), +1.79% through torch's AVX2 bf16 GEMM; the 8 x 2048 bench measures +1.41%
+# 2 windows of 512 tokens, |fp8 / fp16 - 1|: measured +2.80% on an AVX2 CPU with the products in fp32 (as
+# eval runs them on CPUs without native bf16); the 8 x 2048 bench measures +1.41%
 # (bench/results/fp8_activations_smollm2.md). A broken emulation costs far more.
 FP8_PPL_INCREASE = 0.04
 

@@ -9,7 +9,9 @@ block of `block_size` columns.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+
 import torch
 
 from ..config import ClipSearch, GPTQSettings, WeightScheme
@@ -116,7 +118,8 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    W0, H0 = W.clone(), H.clone()
+    refine = fixed is None and settings.scale_refit > 0
+    W0, H0 = (W.clone(), H.clone()) if refine else (None, None)  # the refit's objective: before GPTQ updates W
     if fixed is not None:
         fixed_s, fixed_z = fixed
         fixed_s = fixed_s.to(W.device)
@@ -187,7 +190,7 @@ def gptq(
             g_idx = col_group[inv.cpu()].to(torch.int32)
     res = QuantResult(Q, scales, None if scheme.symmetric else zeros, g_idx)
     info = {"damp": damp}
-    if fixed is None and settings.scale_refit:
+    if refine:
         res, info["refit_gain"] = _refine(W0, H0, res, scheme, settings)
     return res, info
 
@@ -253,8 +256,7 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, scheme: WeightSc
     best = res
     err = output_error(W, H, best, G)
     first = err.sum().item()
-    plain = GPTQSettings(damp=settings.damp, max_damp=settings.max_damp, block_size=settings.block_size,
-                         act_order=settings.act_order, static_groups=settings.static_groups)
+    plain = dataclasses.replace(settings, scale_refit=0)
     for _ in range(settings.scale_refit):
         s = refit_scales(W, H, best, scheme)
         if not scheme.symmetric:  # asymmetric grids keep positive scales
