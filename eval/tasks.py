@@ -35,6 +35,7 @@ batch_size at a time, left-padded. Any other task name is an lm-evaluation-harne
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import random
@@ -125,6 +126,7 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out: list = [None] * len(requests)
     dev = _device(model)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     batches = range(0, len(order), batch_size)
     for b in tqdm(batches, desc=desc, disable=not progress):
         idx = order[b:b + batch_size]
@@ -134,11 +136,15 @@ def score_requests(model, requests: list[tuple[list[int], list[int]]], batch_siz
         for r, seq in enumerate(seqs):
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
+        # Logits only from the first position any continuation of the batch is scored at:
+        # the LM head's product over the contexts would be thrown away.
+        first = max(0, min(len(requests[i][0]) for i in idx) - 1) if keeps_logits else 0
+        kw = {"logits_to_keep": ids.shape[1] - first} if keeps_logits else {}
         with fp32_products(dev):  # bf16 products in fp32 on CPUs without native bf16
-            logits = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+            logits = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **kw).logits
         for r, i in enumerate(idx):
             n_ctx, n_cont = len(requests[i][0]), len(requests[i][1])
-            lg = logits[r, n_ctx - 1:n_ctx + n_cont - 1].float()
+            lg = logits[r, n_ctx - 1 - first:n_ctx + n_cont - 1 - first].float()
             target = ids[r, n_ctx:n_ctx + n_cont].to(lg.device)
             logp = F.log_softmax(lg, -1).gather(-1, target[:, None]).sum().item()
             out[i] = (logp, bool((lg.argmax(-1) == target).all()))

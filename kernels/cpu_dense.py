@@ -42,41 +42,65 @@ def native_bf16() -> bool:
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# The products that a bf16 forward or a Hessian spends its time in (bf16 attention has its
-# own CPU kernel, no slower than fp32's).
+@functools.cache
+def native_fp16() -> bool:
+    """Whether this torch and CPU run fp16 matmuls natively (oneDNN's fp16 path:
+    AVX512-FP16, AMX-FP16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+# The products that a half-precision forward or a Hessian spends its time in (attention
+# has its own CPU kernel, no slower than fp32's).
 _PRODUCTS = frozenset({F.linear, torch.mm, torch.bmm, torch.matmul, torch.addmm,
                        torch.baddbmm, torch.Tensor.mm, torch.Tensor.bmm, torch.Tensor.matmul,
                        torch.Tensor.__matmul__})
 
 
-def _is_cpu_bf16(a) -> bool:
-    return isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 and a.device.type == "cpu"
-
-
 class _Fp32Products(TorchFunctionMode):
-    """Runs each bf16 CPU product of _PRODUCTS in fp32 and rounds its result once to bf16."""
+    """Runs each CPU product of _PRODUCTS with an input in one of `dtypes` in fp32 and
+    rounds its result once to that dtype."""
+
+    def __init__(self, dtypes: frozenset):
+        super().__init__()
+        self.dtypes = dtypes
+
+    def _slow(self, a) -> bool:
+        return isinstance(a, torch.Tensor) and a.dtype in self.dtypes and a.device.type == "cpu"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _PRODUCTS and any(_is_cpu_bf16(a) for a in (*args, *kwargs.values())):
-            def up(a):
-                return a.float() if _is_cpu_bf16(a) else a
+        if func in _PRODUCTS:
+            half = next((a.dtype for a in (*args, *kwargs.values()) if self._slow(a)), None)
+            if half is not None:
+                def up(a):
+                    return a.float() if self._slow(a) else a
 
-            out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
-            return out.to(torch.bfloat16)
+                out = func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+                return out.to(half)
         return func(*args, **kwargs)
 
 
 def fp32_products(device) -> contextlib.AbstractContextManager:
-    """Within it, bf16 matmuls and linears on the CPU run in fp32 (inputs upcast,
-    the result rounded once to bf16), where this CPU has no native bf16 matmul; elsewhere
-    it does nothing. For bulk forwards of a bf16 model in calibration and evaluation: on
-    an AVX2 CPU torch's bf16 GEMM is a scalar loop (bench/bf16_products.py measures both).
-    The results are the bf16 inputs' exact products summed in fp32, as bf16 GEMMs sum
-    them, in another order."""
-    if torch.device(device).type != "cpu" or native_bf16():
+    """Within it, bf16 and fp16 matmuls and linears on the CPU run in fp32 (inputs upcast,
+    the result rounded once to the input's dtype), for each of the two that this CPU has
+    no native matmul for; elsewhere it does nothing. For bulk forwards of a half-precision
+    model in calibration and evaluation: on an AVX2 CPU torch's bf16 and fp16 GEMMs are
+    scalar loops (bench/bf16_products.py measures bf16). The results are the inputs' exact
+    products summed in fp32, as half-precision GEMMs sum them, in another order."""
+    if torch.device(device).type != "cpu":
         return contextlib.nullcontext()
-    return _Fp32Products()
+    dtypes = frozenset(d for d, native in ((torch.bfloat16, native_bf16()), (torch.float16, native_fp16()))
+                       if not native)
+    return _Fp32Products(dtypes) if dtypes else contextlib.nullcontext()
+
+
+def outside_products():
+    """Within it, no torch-function mode applies, fp32_products included: for fp32
+    numeric work inside a calibration (a GPTQ solve, a clip search), whose many small ops
+    would each pay the mode's Python dispatch for no change in result (a GPTQ solve of
+    one 576 x 1536 weight with its clip search spent about 20% longer inside the mode on
+    an AVX2 EPYC). Tensor subclasses' own torch functions are off within it too."""
+    return torch._C.DisableTorchFunction()
 
 
 def available(linear: nn.Module) -> tuple[bool, str]:

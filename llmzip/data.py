@@ -15,8 +15,11 @@ Other sources: a text file; a .jsonl or .parquet file (column "text", or
 from __future__ import annotations
 
 import bz2
+import hashlib
 import html
 import json
+import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
@@ -25,6 +28,9 @@ from pathlib import Path
 from .errors import UserError
 from .files import read_text
 from .models import package_dir
+from .paths import cache_dir
+
+log = logging.getLogger("llmzip")
 
 GENSIM = ("gensim", "gensim==4.4.0")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -89,9 +95,33 @@ def clean_wikitext(text: str) -> str:
 @lru_cache(maxsize=1)
 def wiki_articles() -> tuple[tuple[str, str], ...]:
     """(title, plain text) of each article in the built-in Wikipedia dump, in file order.
-    Redirects and articles under 500 characters after cleaning are dropped."""
+    Redirects and articles under 500 characters after cleaning are dropped.
+
+    Parsing and cleaning the dump takes about 5 s, so the result is kept in the llmzip
+    cache (paths.cache_dir) under a key that covers the dump's bytes and this module's
+    source: an edit to the cleaning rules starts a new file."""
+    source = _gensim_file(WIKI_FILE)
+    key = hashlib.sha256(source.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    cached = cache_dir() / "data" / f"wiki-articles-{key}.json"
+    if cached.is_file():
+        try:
+            return tuple((t, body) for t, body in json.loads(cached.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            log.warning("ignoring unreadable cache file %s", cached)
+    articles = _parse_wiki(source)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(articles), encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only cache only costs the parse next time
+        log.debug("could not cache the parsed wiki text in %s: %s", cached, e)
+    return articles
+
+
+def _parse_wiki(path: Path) -> tuple[tuple[str, str], ...]:
     articles = []
-    with bz2.open(_gensim_file(WIKI_FILE)) as fh:
+    with bz2.open(path) as fh:
         title = None
         for _, elem in ET.iterparse(fh):
             tag = elem.tag.rsplit("}", 1)[-1]

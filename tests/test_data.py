@@ -18,6 +18,27 @@ def test_builtin_wiki_is_clean_and_stable():
     assert text.count("[[") <= 2  # two links nested inside image captions survive
 
 
+def test_parsed_wiki_is_cached_on_disk_and_read_back(tmp_path, monkeypatch):
+    """The parsed dump is written once to the llmzip cache, and read back equal without
+    parsing; an unreadable cache file is parsed over and replaced."""
+    from llmzip import data
+
+    monkeypatch.setenv("LLMZIP_CACHE", str(tmp_path))
+    data.wiki_articles.cache_clear()
+    parsed = data.wiki_articles()
+    files = list((tmp_path / "data").glob("wiki-articles-*.json"))
+    assert len(files) == 1
+    data.wiki_articles.cache_clear()
+    monkeypatch.setattr(data, "_parse_wiki", lambda path: pytest.fail("parsed again despite the cache"))
+    assert data.wiki_articles() == parsed
+    files[0].write_text("{not json", encoding="utf-8")
+    monkeypatch.setattr(data, "_parse_wiki", lambda path: parsed[:3])
+    data.wiki_articles.cache_clear()
+    assert data.wiki_articles() == parsed[:3]
+    assert json.loads(files[0].read_text(encoding="utf-8"))[0] == list(parsed[0])
+    data.wiki_articles.cache_clear()  # later tests parse or read the real cache again
+
+
 def test_calibration_and_evaluation_corpora_are_disjoint():
     wiki, lee = load_text("wiki"), load_text("lee")
     lines = [ln.strip() for ln in lee.splitlines() if len(ln.strip()) > 80]

@@ -389,29 +389,37 @@ def test_cpu_dense_prepacks_only_bf16_dense_linears():
         cpu_dense.PackedLinear(q)
 
 
-def test_fp32_products_round_each_bf16_product_once(monkeypatch):
-    """kernels/cpu_dense.fp32_products on a CPU without native bf16 (forced here on any CPU):
-    bf16 linears and matmuls return the fp32 product of their bf16 inputs rounded once to
-    bf16, exactly; other dtypes and other ops pass through untouched, and a CPU with native
-    bf16 (or a GPU device) gets no mode at all."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_products_round_each_half_product_once(dtype, monkeypatch):
+    """kernels/cpu_dense.fp32_products on a CPU without native bf16/fp16 matmuls (forced here
+    on any CPU): half-precision linears and matmuls return the fp32 product of their inputs
+    rounded once to their dtype, exactly; other dtypes and other ops pass through
+    untouched; a dtype the CPU multiplies natively is untouched, and a CPU with both native
+    (or a GPU device) gets no mode at all."""
     import contextlib
 
     from llmzip.kernels import cpu_dense
 
     monkeypatch.setattr(cpu_dense, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_dense, "native_fp16", lambda: False)
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((2, 5, 33), (17, 33), (17,)))
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((2, 5, 33), (17, 33), (17,)))
     with cpu_dense.fp32_products("cpu"):
         y_lin = torch.nn.functional.linear(x, w, b)
         y_mm = torch.mm(x[0], w.t())
         y_at = x @ w.t()
         y_f32 = torch.mm(x[0].float(), w.t().float())
         y_add = x + x  # not a product: untouched
-    assert y_lin.dtype == y_mm.dtype == y_at.dtype == torch.bfloat16 and y_f32.dtype == torch.float32
-    assert torch.equal(y_lin, torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16())
-    assert torch.equal(y_mm, (x[0].float() @ w.float().t()).bfloat16())
-    assert torch.equal(y_at, (x.float() @ w.float().t()).bfloat16())
+    assert y_lin.dtype == y_mm.dtype == y_at.dtype == dtype and y_f32.dtype == torch.float32
+    assert torch.equal(y_lin, torch.nn.functional.linear(x.float(), w.float(), b.float()).to(dtype))
+    assert torch.equal(y_mm, (x[0].float() @ w.float().t()).to(dtype))
+    assert torch.equal(y_at, (x.float() @ w.float().t()).to(dtype))
     assert torch.equal(y_add, x + x)
     assert isinstance(cpu_dense.fp32_products("meta"), contextlib.nullcontext)
+    monkeypatch.setattr(cpu_dense, "native_bf16" if dtype == torch.bfloat16 else "native_fp16", lambda: True)
+    with cpu_dense.fp32_products("cpu"):  # still a mode, for the other dtype
+        y_native = torch.mm(x[0], w.t())
+    assert torch.equal(y_native, torch.mm(x[0], w.t()))
     monkeypatch.setattr(cpu_dense, "native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_dense, "native_fp16", lambda: True)
     assert isinstance(cpu_dense.fp32_products("cpu"), contextlib.nullcontext)

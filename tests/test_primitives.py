@@ -136,3 +136,28 @@ def test_signed_scale_maps_the_larger_end_onto_qmin():
     q = quantize(w, scale, None, scheme)
     assert q[:, 0].tolist() == [scheme.qmin, scheme.qmin]
     assert torch.allclose(dequantize(q, scale, None, 4, torch.float32)[:, 0], w[:, 0])
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme(4, 32), WeightScheme(3, 64, False), WeightScheme(2, None)],
+                         ids=["w4g32", "w3g64asym", "w2ch"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["mse", "hessian"])
+def test_clip_search_chunks_pick_what_one_pass_picks(scheme, weighted, monkeypatch):
+    """The clip search scores its candidates in chunks of SEARCH_CHUNK_ELEMS elements; one
+    candidate per chunk (the smallest) must pick exactly the scales and zeros of one pass
+    over all of them (the first of equal errors wins either way)."""
+    from llmzip import primitives
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 128, generator=g) * torch.rand(48, 1, generator=g)
+    w[:, 5] *= 8  # an outlier column, so clipping pays in some groups
+    w = w.round(decimals=2)  # ties between candidates happen
+    hessian = None
+    if weighted:
+        x = torch.randn(256, 128, generator=g) * torch.rand(128, generator=g) * 3
+        hessian = x.t() @ x / 256
+        scheme = WeightScheme(scheme.bits, None, scheme.symmetric)  # one group spans the columns
+    one_pass = primitives.mse_clip_qparams(w, scheme, torch.bfloat16, ClipSearch(), hessian=hessian)
+    monkeypatch.setattr(primitives, "SEARCH_CHUNK_ELEMS", 1)
+    chunked = primitives.mse_clip_qparams(w, scheme, torch.bfloat16, ClipSearch(), hessian=hessian)
+    assert torch.equal(one_pass[0], chunked[0])
+    assert (one_pass[1] is None and chunked[1] is None) or torch.equal(one_pass[1], chunked[1])

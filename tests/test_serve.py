@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from llmzip import QuantConfig, WeightScheme, quantize  # noqa: E402
+from llmzip.quant_linear import cached_dense_weights  # noqa: E402
 from llmzip.serve.app import create_app  # noqa: E402
 from llmzip.serve.server import build_engine  # noqa: E402
 
@@ -60,8 +61,10 @@ def client(served):
 
 
 def reference(engine, prompt: str, n: int) -> list[int]:
+    """model.generate's greedy tokens, each QuantLinear dequantized once for all steps
+    (cached_dense_weights: the reference kernel's numerics, without its per-call dequantize)."""
     ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.no_grad(), cached_dense_weights(engine.model):
         out = engine.model.generate(ids, max_new_tokens=n, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 

@@ -22,9 +22,15 @@ def fake_quant(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
     return dequantize(quantize(w, scale, zero, scheme), scale, zero, scheme.group_size, torch.float32)
 
 
-def output_error(x: torch.Tensor, weights: list[torch.Tensor], approx: list[torch.Tensor]) -> float:
-    """Mean squared error of x @ W^T over all balance layers."""
-    total = sum((x @ (a - w).t()).pow(2).sum().item() for w, a in zip(weights, approx))
+def output_error(x: torch.Tensor, weights: list[torch.Tensor], approx: list[torch.Tensor],
+                 gram: torch.Tensor | None = None) -> float:
+    """Mean squared error of x @ W^T over all balance layers. gram: x^T x [in, in], to
+    compute the same sum as sum((D gram) * D) for each D = approx - weight: the cost per
+    call then scales with in instead of with x's rows."""
+    if gram is None:
+        total = sum((x @ (a - w).t()).pow(2).sum().item() for w, a in zip(weights, approx))
+    else:
+        total = sum(((a - w) @ gram * (a - w)).sum().item() for w, a in zip(weights, approx))
     return total / (x.shape[0] * sum(w.shape[0] for w in weights))
 
 
@@ -40,6 +46,7 @@ def search_scales(
     of x by scales to apply them.
     """
     ws = [w.float() for w in weights]
+    gram = x.t() @ x if x.shape[0] > x.shape[1] else None  # fewer multiply-adds per grid point
     base = x_absmean.float().clamp(min=1e-8)
     best = (None, None, float("inf"))
     error_rtn = None
@@ -48,7 +55,7 @@ def search_scales(
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         approx = [fake_quant(w * s, scheme) / s for w in ws]
-        err = output_error(x, ws, approx)
+        err = output_error(x, ws, approx, gram)
         if i == 0:
             error_rtn = err
         if err < best[2]:

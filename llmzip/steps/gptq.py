@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..algorithms.gptq import HessianAccumulator, gptq
+from ..kernels.cpu_dense import outside_products
 from ..moe import calibrating_all_experts
 from ..quant_linear import QuantLinear, cached_dense_weights
 from ..smoothing import run_keeping_first
@@ -49,7 +50,8 @@ def _solve(work: LayerWork, chunk: list[str], H: torch.Tensor) -> None:
     lins = [work.names[n] for n in chunk]
     W = torch.cat([lin.weight.data for lin in lins]) if len(lins) > 1 else lins[0].weight.data
     scheme = work.scheme(chunk[0])
-    res, info = gptq(W, H, scheme, config.gptq, config.clip)
+    with outside_products():  # fp32 throughout: the forwards' product mode would only slow it
+        res, info = gptq(W, H, scheme, config.gptq, config.clip)
     row = 0
     for n, lin in zip(chunk, lins):
         part = res.rows(row, row + lin.out_features)
