@@ -45,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe as describe_machine
 from procmem import run_timed
 
 HERE = Path(__file__).resolve().parent
@@ -250,7 +251,7 @@ def main() -> None:
     started = time.time()
     run = {"id": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
            "command": "python bench/calibrated_peers.py " + shlex.join(sys.argv[1:]), "llmzip": llmzip.__version__,
-           "rss": "VmHWM", **({"note": args.note} if args.note else {})}
+           "rss": "VmHWM", "machine": describe_machine(), **({"note": args.note} if args.note else {})}
     calib = write_calibration(base, work, args.samples, args.seq_len)
     print("calibration", calib, flush=True)
     # Phase 1: every quantization, back to back, so their timings share quiet conditions. Each
@@ -379,7 +380,8 @@ def render(result: dict, results: Path) -> None:
              f"{c['digest']}), the same ids for every calibrated tool"
              f"{'' if c['all_calibrated_rows_used_it'] else ' (NOT confirmed for every row: see the JSON)'}. "
              f"GPTQ: {result['gptq']}.",
-             f"Perplexity: {result['ppl_protocol']}. Machine: {result['machine']}.",
+             f"Perplexity: {result['ppl_protocol']}. Platform of the latest run: {result['machine']} (each "
+             "run's CPU, where it was recorded, in the list below).",
              "quant s = wall time of the whole quantize process (start-up + load + calibrate + quantize + "
              "save), the rows of one run back to back; peak RSS of that process (its own VmHWM, bench/procmem.py). "
              "Runs (column `run`):", ""]
@@ -387,6 +389,7 @@ def render(result: dict, results: Path) -> None:
     runs = list({_run(r, first)["id"]: _run(r, first) for r in rows}.values())
     index = {r["id"]: i for i, r in enumerate(runs, 1)}
     lines += [f"{index[r['id']]}. `{r['command']}`" + ("" if r["id"] == "earlier" else f" (started {r['id']})")
+              + (f"; machine: {r['machine']}" if r.get("machine") else "")
               + ("" if r.get("rss") == "VmHWM" else "; its peak RSS is the process's ru_maxrss, which also "
                  "counts the bench driver's own peak before the fork, so it may read high")
               + (f"; {r['note']}" if r.get("note") else "")

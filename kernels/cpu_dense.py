@@ -80,6 +80,15 @@ class _Fp32Products(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def emulated_halves(device) -> frozenset:
+    """The half dtypes (bf16, fp16) whose matmuls this device runs only as slow loops: on a
+    CPU, each one without a native oneDNN path; none elsewhere."""
+    if torch.device(device).type != "cpu":
+        return frozenset()
+    return frozenset(d for d, native in ((torch.bfloat16, native_bf16()), (torch.float16, native_fp16()))
+                     if not native)
+
+
 def fp32_products(device) -> contextlib.AbstractContextManager:
     """Within it, bf16 and fp16 matmuls and linears on the CPU run in fp32 (inputs upcast,
     the result rounded once to the input's dtype), for each of the two that this CPU has
@@ -87,10 +96,7 @@ def fp32_products(device) -> contextlib.AbstractContextManager:
     model in calibration and evaluation: on an AVX2 CPU torch's bf16 and fp16 GEMMs are
     scalar loops (bench/bf16_products.py measures bf16). The results are the inputs' exact
     products summed in fp32, as half-precision GEMMs sum them, in another order."""
-    if torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
-    dtypes = frozenset(d for d, native in ((torch.bfloat16, native_bf16()), (torch.float16, native_fp16()))
-                       if not native)
+    dtypes = emulated_halves(device)
     return _Fp32Products(dtypes) if dtypes else contextlib.nullcontext()
 
 

@@ -150,3 +150,32 @@ def test_signround_beats_rtn_on_smollm2_w3(smollm2_dir, wiki_ids):
         model, _ = quantize(str(smollm2_dir), cfg, calib=CalibConfig(samples=4, seq_len=128), progress=False)
         ppl[method] = perplexity(model, wiki_ids, ctx=1024, max_windows=2, progress=False).ppl
     assert ppl["signround"] < SMOLLM2_MAX_PPL_VS_RTN * ppl["rtn"], ppl
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_fit_runs_on_an_fp32_copy_where_bf16_matmuls_are_emulated(monkeypatch, emulated):
+    """A bf16 model on a CPU without native bf16 matmuls: the fit sees fp32 activations on a
+    copy of the layer, the checkpoint keeps bf16 scales and the model stays bf16; with native
+    bf16 the fit runs on the bf16 layer itself."""
+    import llmzip.steps.signround as step
+
+    seen = []
+
+    def spy(forward, weights, inputs, targets, *args, **kw):
+        seen.append((inputs.dtype, {w.dtype for w in weights.values()}))
+        return signround(forward, weights, inputs, targets, *args, **kw)
+
+    monkeypatch.setattr(step, "signround", spy)
+    monkeypatch.setattr(step, "emulated_halves", lambda device: frozenset({torch.bfloat16} if emulated else ()))
+    model = tiny_llama(dtype=torch.bfloat16)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    cfg = QuantConfig(method="signround", weights=WeightScheme(4, 32), signround=SignRoundSettings(iters=6, batch=2))
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(2))
+    report = calibrate_model(model, cfg, ids, targets, device="cpu", progress=False)
+    fit_dtype = torch.float32 if emulated else torch.bfloat16
+    assert seen == [(fit_dtype, {torch.bfloat16})] * len(model.model.layers)
+    for b in report["blocks"]:
+        assert b["signround"]["loss_best"] <= b["signround"]["loss_first"]
+    down = model.model.layers[1].mlp.down_proj
+    assert down.weight_scale.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n} == {torch.bfloat16}
