@@ -318,6 +318,16 @@ def test_batched_calibration_matches_one_sample_at_a_time(monkeypatch):
     assert same > CODES_EQUAL_BATCHED, same
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_refit_keeps_the_model_dtype_of_the_scales(symmetric):
+    """A bf16 weight's scales stay bf16 through the refit rounds (an fp32 scale tensor would
+    double the scales' share of the checkpoint and run the QuantLinear in fp32)."""
+    W, X, H = _problem(in_f=256, seed=6)
+    scheme = WeightScheme(2, 64, symmetric)
+    res, _ = gptq(W.to(torch.bfloat16), H, scheme, GPTQSettings(act_order=True, static_groups=True, scale_refit=2))
+    assert res.scale.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("scheme,max_ratio", [
     (WeightScheme(4, 32), SCALE_REFIT_VS_PLAIN_MAX), (WeightScheme(4, None), SCALE_REFIT_VS_PLAIN_MAX),
     (WeightScheme(4, 32, False), SCALE_REFIT_VS_PLAIN_MAX), (WeightScheme(2, 64, False), SCALE_REFIT_W2_VS_PLAIN_MAX),

@@ -263,6 +263,8 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, scheme: WeightSc
             s = torch.where(s > 0, s, best.scale.float())
         fitted = QuantResult(best.q, s.to(best.scale.dtype), best.zero, best.g_idx)
         again, _ = gptq(W, H, scheme, plain, fixed=(fitted.scale, fitted.zero))
+        # W is the fp32 working copy: its scales are fitted's values, kept in the model dtype
+        again = dataclasses.replace(again, scale=again.scale.to(best.scale.dtype))
         for cand in (fitted, again):
             e = output_error(W, H, cand, G)
             better = e < err
