@@ -56,13 +56,32 @@ def test_signround_lowers_block_mse_below_rtn():
 
 
 def test_zero_iterations_is_round_to_nearest():
-    from llmzip.algorithms import rtn
+    """iters=0 rounds onto the signed symmetric grid of the min/max range (primitives.signed_qparams)."""
+    from llmzip.primitives import quantize, signed_qparams
 
     layer, names, x, y, forward = _layer_setup()
     scheme = WeightScheme(4, 32)
     w = names["mlp.down_proj"].weight.data.to(torch.bfloat16)
     res, _ = signround(lambda x, d: x, {"w": w}, x, y, scheme, SignRoundSettings(iters=0))
-    assert (res["w"].q == rtn(w, scheme).q).float().mean().item() >= MIN_RTN_CODE_AGREEMENT
+    wg = w.float().reshape(w.shape[0], -1, 32)
+    scale = signed_qparams(wg.amin(-1), wg.amax(-1), scheme, torch.bfloat16)
+    assert (torch.sign(res["w"].scale) == torch.sign(scale)).all()
+    assert (res["w"].q == quantize(w, scale, None, scheme)).float().mean().item() >= MIN_RTN_CODE_AGREEMENT
+
+
+def test_symmetric_two_bit_grid_covers_the_larger_end_with_four_levels():
+    """W2 symmetric: a group whose larger end is +1 gets the scale -1/2, so its four levels are
+    1, 0.5, 0 and -0.5 (the unsigned grid's scale 1 would give 1, 0, -1, -2: three unused or
+    out of range)."""
+    from llmzip.algorithms.signround import qdq
+
+    wg = torch.tensor([[[1.0, 0.5, 0.0, -0.5, 0.25, -0.25, 0.75, -0.1]]])
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    ones = torch.ones(1, 1)
+    deq, q, scale, _ = qdq(wg, lo, hi, torch.zeros_like(wg), ones, ones, WeightScheme(2, 8), torch.float32)
+    assert scale.item() == -0.5
+    assert sorted(set(q.flatten().tolist())) == [-2.0, -1.0, 0.0, 1.0]
+    assert deq[0, 0, 0].item() == 1.0 and deq[0, 0, 1].item() == 0.5
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -82,8 +101,8 @@ def test_fused_round_dequant_matches_autograd_through_the_ops(symmetric):
         if fused:
             out = qdq(wg, lo, hi, v, a, b, scheme, torch.float32)[0]
         else:
-            s = (torch.maximum(hi * b / scheme.qmax, lo * a / scheme.qmin) if symmetric
-                 else (hi * b - lo * a) / ((1 << scheme.bits) - 1)).unsqueeze(-1)
+            end = torch.where(hi * b > -lo * a, hi * b, lo * a)
+            s = (end / scheme.qmin if symmetric else (hi * b - lo * a) / ((1 << scheme.bits) - 1)).unsqueeze(-1)
             z = 0.0 if symmetric else torch.round(scheme.qmin - (lo * a).unsqueeze(-1) / s).clamp(
                 scheme.qmin, scheme.qmax).detach()
             t = wg / s + v
@@ -103,7 +122,7 @@ def test_codes_scales_and_zeros_stay_in_range(scheme):
     for n, r in res.items():
         assert r.q.dtype == torch.int8 and scheme.qmin <= r.q.min() and r.q.max() <= scheme.qmax
         assert r.scale.shape == (weights[n].shape[0], scheme.groups(weights[n].shape[1]))
-        assert (r.scale > 0).all()
+        assert (r.scale != 0).all() if scheme.symmetric else (r.scale > 0).all()
         assert (r.zero is None) == scheme.symmetric
 
 

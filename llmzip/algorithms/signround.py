@@ -5,12 +5,16 @@ activations in, integer codes and scales out.
 Each weight W [out, in] gets a rounding offset V [out, in] in [-0.5, 0.5] and, per
 group, factors alpha, beta in [min_clip, 1] that shrink the group's range:
     lo = alpha * min(W_g, 0), hi = beta * max(W_g, 0)  ->  scale (and zero point)
+A symmetric scale maps the larger-magnitude end of [lo, hi] onto qmin, the grid's
+longer side (negative where that end is positive; primitives.signed_qparams), so all
+2^b levels cover it: at 2 bits the step is |end| / 2 instead of |end| / 1.
     Q = clamp(round(W / scale + V) + zero, qmin, qmax),  W_hat = (Q - zero) * scale
 All of them are fitted together to minimise the MSE between the block's output with
 W_hat and the float block's output on the same inputs. round() passes gradients
 straight through; each step moves every parameter by lr * sign(gradient), with lr
 decaying linearly to 0, and the parameters of the step with the lowest loss are kept.
-V = 0, alpha = beta = 1 (the start) is plain round-to-nearest.
+V = 0, alpha = beta = 1 (the start) is plain round-to-nearest (on the signed grid when
+symmetric).
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def qdq(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v: torch.Tensor, a
     lo, hi = lo * alpha, hi * beta
     tiny = torch.finfo(dtype).tiny * 16
     if scheme.symmetric:
-        scale = _store_ste(torch.maximum(hi / scheme.qmax, lo / scheme.qmin).clamp(min=tiny), dtype)
+        end = torch.where(hi > -lo, hi, lo)  # the larger-magnitude end, with its sign
+        scale = end / scheme.qmin
+        scale = _store_ste(torch.where(end > 0, scale.clamp(max=-tiny), scale.clamp(min=tiny)), dtype)
         zero = None
     else:
         scale = _store_ste(((hi - lo) / ((1 << scheme.bits) - 1)).clamp(min=tiny), dtype)
