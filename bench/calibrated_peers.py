@@ -2,8 +2,8 @@
 GPTQ/AWQ vs HQQ vs AutoRound.
 
 Settings (symmetric int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64, W2 g64. Tools:
-llmzip GPTQ, AWQ and SignRound (`llmzip quantize`; SignRound with --iters N when given, and with
---rotate hadamard in the -rot row), llm-compressor 0.14 GPTQModifier and AWQModifier
+llmzip GPTQ, AWQ and SignRound (`llmzip quantize`; SignRound with --iters N when given; the -rot
+rows with --rotate hadamard, the -refit row with --scale-refit 2), llm-compressor 0.14 GPTQModifier and AWQModifier
 (peers/llmcompressor_{gptq,awq}.py, model in bf16 on CPU), HQQ (peers/hqq_quant.py:
 calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal),
 AutoRound 0.16 with its "light" recipe (peers/autoround_quant.py: 50 iterations, on the same
@@ -60,6 +60,8 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     "llmzip-rtn": ("llmzip", "rtn", None, None, None),
     "llmzip-gptq": ("llmzip", "gptq", None, None, None),
     "llmzip-gptq-act": ("llmzip", "gptq act-order", None, None, None),
+    "llmzip-gptq-act-refit": ("llmzip", "gptq act-order refit", None, None, None),
+    "llmzip-gptq-act-rot": ("llmzip", "gptq act-order rotate", None, None, None),
     "llmzip-awq": ("llmzip", "awq", None, None, None),
     "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
     "llmzip-signround": ("llmzip", "signround", None, None, None),
@@ -76,9 +78,9 @@ PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmco
          ("llmzip-awq", "llmcompressor-awq", True),
          ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False),
          ("llmzip-signround", "autoround", True), ("llmzip-signround-rot", "autoround", True),
-         ("llmzip-gptq-act", "autoround", True)]
+         ("llmzip-gptq-act", "autoround", True), ("llmzip-gptq-act-rot", "autoround", True)]
 # flags of the words after an llmzip method name in TOOLS
-FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"]}
+FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"]}
 
 
 class Failed(Exception):
