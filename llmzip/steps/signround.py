@@ -12,9 +12,7 @@ bf16 on AVX2), the fit runs on an fp32 copy of the layer instead, with fp32
 inputs: the quantize-dequantized weights are still the half-precision values the
 checkpoint decodes to (cast up exactly), only the activations are carried in fp32.
 Every product of a step would otherwise be cast up and down around an fp32 matmul,
-forward and backward; on an AVX2 EPYC a step of SmolLM2's layer over 8 x 512 tokens
-took about 0.8 s in fp32 against 1.33 s that way (the progress bar's rate;
-bench/results/calibrated_peers.md states whole quantize times).
+forward and backward (bench/results/calibrated_peers.md states whole quantize times).
 """
 
 from __future__ import annotations
