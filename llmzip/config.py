@@ -177,6 +177,9 @@ class AWQSettings:
             raise ConfigError(f"AWQ settings must be positive: {self}")
 
 
+SIGNROUND_LOSSES = ("mse", "relative")
+
+
 @dataclass(frozen=True)
 class SignRoundSettings:
     """SignRound (Cheng et al., 2023; AutoRound): learned rounding offsets V in
@@ -187,7 +190,12 @@ class SignRoundSettings:
     lr: step size of the sign updates, decaying linearly to 0 (None = 1 / iters,
         AutoRound's default). batch: calibration samples per step (AutoRound: 8).
     minmax: also learn the range factors (AutoRound's enable_minmax_tuning).
-    seed: draws the samples of each step (per layer, so a resumed run is identical)."""
+    seed: draws the samples of each step (per layer, so a resumed run is identical).
+    loss: "mse", the block-output MSE over all tokens (AutoRound's), or "relative":
+        each token's squared error divided by its float output's squared norm, then
+        averaged. The next layer sees each token through its RMSNorm, i.e. relative to
+        the token's norm; the plain MSE is instead dominated by the few tokens with
+        massive activations (norm ~100x the median from the layer that creates them on)."""
 
     iters: int = 200
     lr: float | None = None
@@ -195,6 +203,7 @@ class SignRoundSettings:
     minmax: bool = True
     min_clip: float = 0.5
     seed: int = 0
+    loss: str = "mse"
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -205,6 +214,9 @@ class SignRoundSettings:
             raise ConfigError(f"SignRound batch={self.batch!r} must be at least 1")
         if not 0.0 < self.min_clip <= 1.0:
             raise ConfigError(f"SignRound min_clip={self.min_clip!r} must be in (0, 1]")
+        if self.loss not in SIGNROUND_LOSSES:
+            raise ConfigError(f"SignRound loss={self.loss!r} must be one of {', '.join(SIGNROUND_LOSSES)} "
+                              "(--signround-loss)")
 
     @property
     def step_size(self) -> float:

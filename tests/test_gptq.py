@@ -328,6 +328,17 @@ def test_scale_refit_keeps_the_model_dtype_of_the_scales(symmetric):
     assert res.scale.dtype == torch.bfloat16
 
 
+
+def test_rounding_onto_fixed_scales_keeps_their_values_and_dtype():
+    """gptq(fixed=...) on an fp32 working copy returns the given bf16 scales unchanged."""
+    W, X, H = _problem(in_f=256, seed=6)
+    scheme = WeightScheme(4, 64)
+    first, _ = gptq(W.to(torch.bfloat16), H, scheme)
+    again, _ = gptq(W, H, scheme, fixed=(first.scale, None))
+    assert again.scale.dtype == torch.bfloat16
+    assert torch.equal(again.scale, first.scale)
+
+
 @pytest.mark.parametrize("scheme,max_ratio", [
     (WeightScheme(4, 32), SCALE_REFIT_VS_PLAIN_MAX), (WeightScheme(4, None), SCALE_REFIT_VS_PLAIN_MAX),
     (WeightScheme(4, 32, False), SCALE_REFIT_VS_PLAIN_MAX), (WeightScheme(2, 64, False), SCALE_REFIT_W2_VS_PLAIN_MAX),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama
-from llmzip.algorithms.signround import signround
+from llmzip.algorithms.signround import block_loss, signround
 from llmzip.config import ConfigError, QuantConfig, SignRoundSettings, WeightScheme
 from llmzip.sequential import capture_inputs, calibrate_model
 from llmzip.steps.base import first
@@ -141,9 +141,32 @@ def test_recipe_runs_and_is_deterministic():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_relative_loss_weighs_each_token_by_its_own_norm():
+    """A token 100x larger with the same relative error counts the same under "relative"
+    and 10^4x more under "mse" (the massive-activation case)."""
+    target = torch.tensor([[[1.0, 0.0], [100.0, 0.0]]])
+    out = target * 1.1  # 10% error on both tokens
+    assert block_loss(out, target, "relative").item() == pytest.approx(0.01, rel=1e-5)
+    per_token = (out - target).pow(2).sum(-1)[0]
+    assert per_token[1].item() / per_token[0].item() == pytest.approx(1e4, rel=1e-4)
+    assert block_loss(out, target, "mse").item() == pytest.approx(per_token.sum().item() / 4, rel=1e-5)
+
+
+def test_relative_loss_lowers_the_block_error_below_rtn():
+    layer, names, x, y, forward = _layer_setup()
+    scheme = WeightScheme(3, 32)
+    weights = {n: m.weight.data for n, m in names.items()}
+    rtn_res, _ = signround(forward, weights, x, y, scheme, SignRoundSettings(iters=0))
+    res, info = signround(forward, weights, x, y, scheme, SignRoundSettings(iters=40, batch=4, loss="relative"))
+    rtn_mse, mse = _block_mse(forward, names, rtn_res, scheme, x, y), _block_mse(forward, names, res, scheme, x, y)
+    assert mse <= MAX_MSE_VS_RTN * rtn_mse, (mse, rtn_mse, info)
+
+
 def test_bad_settings_name_the_fix():
     with pytest.raises(ConfigError, match="--iters"):
         SignRoundSettings(iters=-1)
+    with pytest.raises(ConfigError, match="--signround-loss"):
+        SignRoundSettings(loss="l1")
     with pytest.raises(ConfigError, match="signround"):
         QuantConfig(method="awq+sign")
 

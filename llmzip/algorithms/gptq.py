@@ -105,7 +105,8 @@ def gptq(
     (and not static_groups) the result carries g_idx [in]: the group of each column
     in the checkpoint's natural column order; scale/zero are indexed by that group.
     fixed: (scale, zero) [out, n_groups] to round onto instead of choosing them; used by
-    settings.scale_refit, which alternates rounding with a least-squares scale refit.
+    settings.scale_refit, which alternates rounding with a least-squares scale refit. The
+    result keeps their values and dtype (the weight may be an fp32 working copy).
     """
     out_f, in_f = weight.shape
     dtype = weight.dtype
@@ -136,7 +137,7 @@ def gptq(
 
     U, damp = _inverse_hessian_chol(H, settings)
     Q = torch.zeros(out_f, in_f, dtype=torch.int8, device=W.device)
-    scales = torch.zeros(out_f, n_groups, dtype=dtype, device=W.device)
+    scales = torch.zeros(out_f, n_groups, dtype=dtype if fixed is None else fixed[0].dtype, device=W.device)
     zeros = torch.zeros(out_f, n_groups, dtype=torch.int8, device=W.device)
     col_group = [0] * in_f  # group of each (permuted) position
     order = perm.tolist() if perm is not None else None
@@ -263,8 +264,6 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, scheme: WeightSc
             s = torch.where(s > 0, s, best.scale.float())
         fitted = QuantResult(best.q, s.to(best.scale.dtype), best.zero, best.g_idx)
         again, _ = gptq(W, H, scheme, plain, fixed=(fitted.scale, fitted.zero))
-        # W is the fp32 working copy: its scales are fitted's values, kept in the model dtype
-        again = dataclasses.replace(again, scale=again.scale.to(best.scale.dtype))
         for cand in (fitted, again):
             e = output_error(W, H, cand, G)
             better = e < err

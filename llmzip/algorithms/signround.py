@@ -85,6 +85,17 @@ def qdq(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v: torch.Tensor, a
     return deq, q, scale, zero
 
 
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The fitted loss between the block's output and the float block's output [b, L, d]:
+    "mse", the mean squared error over every element, or "relative", the mean over
+    tokens of |out - target|^2 / |target|^2 (SignRoundSettings.loss)."""
+    err = (out.float() - target.float()).pow(2)
+    if kind == "mse":
+        return err.mean()
+    norm = target.float().pow(2).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    return (err.sum(-1) / norm).mean()
+
+
 def signround(
     forward: Callable[[torch.Tensor, dict], torch.Tensor],
     weights: dict[str, torch.Tensor],
@@ -124,7 +135,7 @@ def signround(
         idx = torch.randperm(n, generator=gen)[: settings.batch].to(inputs.device)
         dense = {k: qdq(*fixed[k], *params[k], schemes[k], dtypes[k])[0].reshape(shapes[k]) for k in fixed}
         out = forward(inputs[idx], dense)
-        loss = (out.float() - targets[idx].float()).pow(2).mean()
+        loss = block_loss(out, targets[idx], settings.loss)
         loss_v = loss.item()
         first_loss = loss_v if first_loss is None else first_loss
         if loss_v < best_loss:  # the parameters that produced this loss, before the update
