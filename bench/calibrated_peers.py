@@ -66,6 +66,7 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
     "llmzip-signround": ("llmzip", "signround", None, None, None),
     "llmzip-signround-rot": ("llmzip", "signround rotate", None, None, None),
+    "llmzip-signround-rel": ("llmzip", "signround relative", None, None, None),
     "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
     "llmcompressor-gptq-act": ("llm-compressor", "gptq act-order", "llmcompressor", "llmcompressor",
                                "llmcompressor_gptq.py"),
@@ -78,9 +79,11 @@ PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmco
          ("llmzip-awq", "llmcompressor-awq", True),
          ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False),
          ("llmzip-signround", "autoround", True), ("llmzip-signround-rot", "autoround", True),
+         ("llmzip-signround-rel", "autoround", True),
          ("llmzip-gptq-act", "autoround", True), ("llmzip-gptq-act-rot", "autoround", True)]
 # flags of the words after an llmzip method name in TOOLS
-FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"]}
+FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"],
+         "relative": ["--signround-loss", "relative"]}
 
 
 class Failed(Exception):
