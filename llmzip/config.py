@@ -195,7 +195,8 @@ class SignRoundSettings:
         each token's squared error divided by its float output's squared norm, then
         averaged. The next layer sees each token through its RMSNorm, i.e. relative to
         the token's norm; the plain MSE is instead dominated by the few tokens with
-        massive activations (norm ~100x the median from the layer that creates them on)."""
+        massive activations (bench/results/massive_activations.md). Measured much worse
+        than "mse" at W2 g64 on SmolLM2 (bench/results/calibrated_peers.md)."""
 
     iters: int = 200
     lr: float | None = None

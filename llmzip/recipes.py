@@ -29,6 +29,6 @@ def apply_recipe(args) -> None:
     args.method = recipe["method"]
     if recipe.get("act_order"):
         args.act_order = True
-    for key in ("iters", "signround_batch", "signround_loss"):
+    for key in ("iters", "signround_batch"):
         if key in recipe and getattr(args, key, None) is None:
             setattr(args, key, recipe[key])

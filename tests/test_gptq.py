@@ -328,7 +328,6 @@ def test_scale_refit_keeps_the_model_dtype_of_the_scales(symmetric):
     assert res.scale.dtype == torch.bfloat16
 
 
-
 def test_rounding_onto_fixed_scales_keeps_their_values_and_dtype():
     """gptq(fixed=...) on an fp32 working copy returns the given bf16 scales unchanged."""
     W, X, H = _problem(in_f=256, seed=6)
