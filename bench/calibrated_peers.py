@@ -64,9 +64,12 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     "llmzip-gptq-act-rot": ("llmzip", "gptq act-order rotate", None, None, None),
     "llmzip-awq": ("llmzip", "awq", None, None, None),
     "llmzip-awq+gptq": ("llmzip", "awq+gptq", None, None, None),
-    "llmzip-signround": ("llmzip", "signround", None, None, None),
-    "llmzip-signround-rot": ("llmzip", "signround rotate", None, None, None),
-    "llmzip-signround-rel": ("llmzip", "signround relative", None, None, None),
+    # SignRound rows name their --signround-target, whose default changed from layer to model
+    "llmzip-signround-model": ("llmzip", "signround model-target", None, None, None),
+    "llmzip-signround-model-light": ("llmzip", "signround model-target light-lr", None, None, None),
+    "llmzip-signround-layer": ("llmzip", "signround layer-target", None, None, None),
+    "llmzip-signround-rot": ("llmzip", "signround rotate model-target", None, None, None),
+    "llmzip-signround-rel": ("llmzip", "signround relative layer-target", None, None, None),
     "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
     "llmcompressor-gptq-act": ("llm-compressor", "gptq act-order", "llmcompressor", "llmcompressor",
                                "llmcompressor_gptq.py"),
@@ -78,12 +81,15 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
 PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmcompressor-gptq-act", True),
          ("llmzip-awq", "llmcompressor-awq", True),
          ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False),
-         ("llmzip-signround", "autoround", True), ("llmzip-signround-rot", "autoround", True),
+         ("llmzip-signround-model", "autoround", True), ("llmzip-signround-model-light", "autoround", True),
+         ("llmzip-signround-layer", "autoround", True), ("llmzip-signround-rot", "autoround", True),
          ("llmzip-signround-rel", "autoround", True),
          ("llmzip-gptq-act", "autoround", True), ("llmzip-gptq-act-rot", "autoround", True)]
 # flags of the words after an llmzip method name in TOOLS
 FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"],
-         "relative": ["--signround-loss", "relative"]}
+         "relative": ["--signround-loss", "relative"], "model-target": ["--signround-target", "model"],
+         "layer-target": ["--signround-target", "layer"],
+         "light-lr": ["--signround-lr", "5e-3"]}
 
 
 class Failed(Exception):

@@ -21,7 +21,7 @@ ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) o
 from . import kv_schemes  # noqa: E402
 from .console import (DTYPES, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,  # noqa: E402,F401
                       EXIT_REGRESSION, print_json)
-from .config import METHODS, SIGNROUND_LOSSES  # noqa: E402
+from .config import METHODS, SIGNROUND_LOSSES, SIGNROUND_TARGETS  # noqa: E402
 from .recipes import RECIPES  # noqa: E402
 
 
@@ -101,12 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 0)")
     c.add_argument("--iters", type=int, default=None,
                    help="SignRound: signed-gradient steps per decoder layer (default: 200, AutoRound's recipe)")
+    c.add_argument("--signround-lr", type=float, default=None,
+                   help="SignRound: the first step's size, decaying linearly to 0 (default: 1 / --iters, AutoRound's; "
+                        "its light recipe takes 5e-3 at 50 steps)")
     c.add_argument("--signround-batch", type=int, default=None,
                    help="SignRound: calibration samples per step (default: 8, AutoRound's recipe)")
     c.add_argument("--signround-loss", default=None, choices=SIGNROUND_LOSSES,
                    help="SignRound: the block-output loss fitted: mse over every element (default, AutoRound's), "
                         "or relative: each token's squared error over its float output's squared norm, as the "
                         "next layer's RMSNorm sees it (massive-activation tokens do not dominate)")
+    c.add_argument("--signround-target", default=None, choices=SIGNROUND_TARGETS,
+                   help="SignRound: what each layer is fitted to: model, the float model's own hidden states "
+                        "(default, AutoRound's; each layer also makes up for the earlier layers' error), or layer, "
+                        "the float layer's output on the same quantized inputs")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--rotate", default=None, choices=["hadamard"],

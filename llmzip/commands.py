@@ -31,7 +31,9 @@ def quantize(args) -> int:
         gptq=GPTQSettings(damp=args.damp, act_order=args.act_order, static_groups=args.act_order,
                           true_sequential=args.true_sequential, scale_refit=args.scale_refit),
         signround=SignRoundSettings(**{k: v for k, v in (("iters", args.iters), ("batch", args.signround_batch),
-                                                                 ("loss", args.signround_loss))
+                                                                 ("lr", args.signround_lr),
+                                                                 ("loss", args.signround_loss),
+                                                                 ("target", args.signround_target))
                                        if v is not None}),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=AUTO_GROUP_SIZES[0] if auto_group else args.group_size,

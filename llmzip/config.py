@@ -178,6 +178,7 @@ class AWQSettings:
 
 
 SIGNROUND_LOSSES = ("mse", "relative")
+SIGNROUND_TARGETS = ("model", "layer")
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,15 @@ class SignRoundSettings:
         averaged. The next layer sees each token through its RMSNorm, i.e. relative to
         the token's norm; the plain MSE is instead dominated by the few tokens with
         massive activations (bench/results/massive_activations.md). Measured much worse
-        than "mse" at W2 g64 on SmolLM2 (bench/results/calibrated_peers.md)."""
+        than "mse" at W2 g64 on SmolLM2 (bench/results/calibrated_peers.md).
+    target: what each layer's quantized output is fitted to. "model": the float
+        model's own hidden states after this layer (a second, float stream of the
+        calibration activations is carried through the layers), so each layer also
+        makes up for the error the quantized layers before it left in its inputs
+        (AutoRound's; it holds a second copy of the calibration activations). "layer":
+        the float layer's output on the same quantized inputs, which fits each layer's
+        own error only. Measured at W4 g64 on SmolLM2, 50 steps: 1.124x bf16 perplexity
+        with "model", 1.172x with "layer" (bench/results/calibrated_peers.md)."""
 
     iters: int = 200
     lr: float | None = None
@@ -205,6 +214,7 @@ class SignRoundSettings:
     min_clip: float = 0.5
     seed: int = 0
     loss: str = "mse"
+    target: str = "model"
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 0:
@@ -218,6 +228,9 @@ class SignRoundSettings:
         if self.loss not in SIGNROUND_LOSSES:
             raise ConfigError(f"SignRound loss={self.loss!r} must be one of {', '.join(SIGNROUND_LOSSES)} "
                               "(--signround-loss)")
+        if self.target not in SIGNROUND_TARGETS:
+            raise ConfigError(f"SignRound target={self.target!r} must be one of {', '.join(SIGNROUND_TARGETS)} "
+                              "(--signround-target)")
 
     @property
     def step_size(self) -> float:
@@ -320,6 +333,12 @@ class QuantConfig:
     @property
     def uses_awq(self) -> bool:
         return "awq" in self.steps
+
+    @property
+    def float_stream(self) -> bool:
+        """Whether calibration carries the float model's hidden states beside the
+        quantized ones (SignRoundSettings.target == "model")."""
+        return "signround" in self.steps and self.signround.target == "model"
 
     @property
     def uses_gptq(self) -> bool:

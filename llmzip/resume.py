@@ -3,6 +3,8 @@
 The work directory (next to the output, hidden) holds, after layer i is finished:
   layer_{i:04d}.safetensors   that decoder layer's state (QuantLinear tensors, norms)
   inputs_{i+1:04d}.safetensors the inputs of layer i+1 (one tensor per sample)
+  float_inputs_{i+1:04d}.safetensors  the float model's inputs of layer i+1, when the
+                              run carries them (QuantConfig.float_stream)
   progress.json               {"fingerprint", "done": i + 1, "layers", "blocks"}
 Files are written to a temporary name and renamed; progress.json is written last and
 the previous inputs file is deleted only after it, so a kill at any moment leaves a
@@ -45,8 +47,10 @@ class LayerCheckpoints:
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(self.dir / f"layer_{i:04d}.safetensors")
 
-    def inputs(self, i: int) -> list[torch.Tensor]:
-        data = load_file(self.dir / f"inputs_{i:04d}.safetensors")
+    def inputs(self, i: int, kind: str = "inputs") -> list[torch.Tensor]:
+        """The saved inputs of layer i: kind "inputs" (from the quantized layers) or
+        "float_inputs" (the float model's)."""
+        data = load_file(self.dir / f"{kind}_{i:04d}.safetensors")
         return [data[str(k)] for k in range(len(data))]
 
     # -- writing -------------------------------------------------------------
@@ -54,17 +58,22 @@ class LayerCheckpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
 
-    def save_layer(self, i: int, state: dict, next_inputs: list[torch.Tensor], layers: dict, blocks: list) -> None:
+    def save_layer(self, i: int, state: dict, next_inputs: list[torch.Tensor], layers: dict, blocks: list,
+                   next_float_inputs: list[torch.Tensor] | None = None) -> None:
         self._atomic_tensors(f"layer_{i:04d}.safetensors", {k: v.contiguous() for k, v in state.items()})
-        self._atomic_tensors(f"inputs_{i + 1:04d}.safetensors",
-                             {str(k): x.detach().to("cpu").contiguous() for k, x in enumerate(next_inputs)})
+        streams = {"inputs": next_inputs, "float_inputs": next_float_inputs}
+        for kind, xs in streams.items():
+            if xs is not None:
+                self._atomic_tensors(f"{kind}_{i + 1:04d}.safetensors",
+                                     {str(k): x.detach().to("cpu").contiguous() for k, x in enumerate(xs)})
         progress = {"fingerprint": self.fingerprint, "done": i + 1, "layers": layers, "blocks": blocks}
         tmp = self.dir / "progress.json.tmp"
         tmp.write_text(json.dumps(progress, indent=1, sort_keys=True))
         os.replace(tmp, self.dir / "progress.json")
-        old = self.dir / f"inputs_{i:04d}.safetensors"
-        if old.exists():
-            old.unlink()
+        for kind in streams:
+            old = self.dir / f"{kind}_{i:04d}.safetensors"
+            if old.exists():
+                old.unlink()
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

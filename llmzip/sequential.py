@@ -7,6 +7,10 @@
    Hessians that hooks accumulate), which swap in QuantLinear modules, and re-run the
    quantized layer to produce the next layer's inputs (so later layers calibrate on
    what they will see).
+   With SignRound's target "model" (QuantConfig.float_stream), the float model's own
+   hidden states are carried beside the quantized ones: the float layer's outputs on
+   them are both what the quantized layer is fitted to and the next layer's float
+   inputs.
 Only one decoder layer and the activations of the calibration set are on the
 compute device at a time.
 """
@@ -149,18 +153,22 @@ def _calibrate(model, config, ids, targets, device, progress, checkpoints, resum
         for i in range(done):
             _restore_layer(layers[i], f"{prefix}{i}.", targets, config, checkpoints.layer_state(i))
         inputs = [x.to(device) for x in checkpoints.inputs(done)]
+    # The float model's inputs of the next layer; layer 0's are the quantized stream's.
+    floats = None
+    if config.float_stream:
+        floats = [x.to(device) for x in checkpoints.inputs(done, "float_inputs")] if saved and done else list(inputs)
     bar = tqdm(range(len(layers)), desc=config.method, unit="layer", initial=done, disable=not progress)
     for i in range(done, len(layers)):
         if lazy is not None:
             lazy.materialize(layers[i], f"{prefix}{i}.")
         layer = layers[i].to(device)
-        inputs, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs, config,
-                                                     arch, i, progress)
+        inputs, floats, layer_stats, block = _quantize_layer(layer, f"{prefix}{i}.", set(targets), inputs, kwargs,
+                                                             config, arch, i, progress, floats)
         stats.update(layer_stats)
         blocks.append({"layer": i, **block})
         layers[i] = layer.to("cpu")
         if checkpoints:
-            checkpoints.save_layer(i, layers[i].state_dict(), inputs, stats, blocks)
+            checkpoints.save_layer(i, layers[i].state_dict(), inputs, stats, blocks, floats)
         mem = {"rss_gib": f"{peak_rss_bytes() / 2**30:.2f}"}
         if device.type == "cuda":
             mem["gpu_gib"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
@@ -171,13 +179,17 @@ def _calibrate(model, config, ids, targets, device, progress, checkpoints, resum
 
 
 def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig, arch,
-                    index: int = 0, progress: bool = False):
+                    index: int = 0, progress: bool = False, floats: list | None = None):
     """Run the recipe's steps (config.steps, llmzip.steps) on one decoder layer; returns
-    (next inputs, stats, block)."""
+    (next inputs, next float inputs (None without `floats`), stats, block). floats: the
+    float model's inputs of this layer, when the run carries them."""
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
     work = LayerWork(layer, prefix, names, inputs, kwargs, config, arch, reference_keep(config.steps, REF_BATCHES),
                      index, progress)
+    if floats is not None:  # before any step changes the layer
+        with torch.no_grad():
+            work.fit_targets = [work.run(x) for x in floats]
     run_steps(work, config.steps)
     stats, block, ref = work.stats, work.block, work.ref
     routed = expert_token_counts(layer)
@@ -191,10 +203,15 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
         outs = [_first(layer(x, **kwargs)) for x in inputs]
     # Error of what the block adds to the residual stream (out - in), relative to
     # that update: the residual itself would hide the error. Over the first REF_BATCHES.
+    # With a float stream, against the float model's own outputs and update.
+    if floats is not None:
+        ref, start = work.fit_targets, floats
+    else:
+        start = inputs
     num = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(outs[:REF_BATCHES], ref))
-    den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref[:REF_BATCHES], inputs))
+    den = sum((r.float() - x.float()).pow(2).sum().item() for r, x in zip(ref[:REF_BATCHES], start))
     block.update(rel_update_mse=round(num / max(den, 1e-30), 6), seconds=round(time.perf_counter() - t0, 3))
-    return outs, stats, block
+    return outs, work.fit_targets, stats, block
 
 
 def _restore_layer(layer, prefix: str, targets: list, config: QuantConfig, state: dict) -> None:

@@ -26,6 +26,7 @@ def test_recipes_fill_method_and_settings():
     assert _args("--recipe", "fast").method == "rtn"
     default = _args("--recipe", "default")
     assert (default.method, default.act_order) == ("gptq", True)
+    assert (_args("--recipe", "best").method, _args("--recipe", "best").iters) == ("signround", 50)
     best = _args("--recipe", "best", "--iters", "7")
     assert (best.method, best.iters) == ("signround", 7)  # an explicit option wins over the recipe
 
@@ -41,3 +42,27 @@ def test_clip_search_with_signround_is_a_clear_error():
     with pytest.raises(ConfigError, match="drop --clip-search"):
         QuantConfig(method="signround", clip=ClipSearch())
     assert QuantConfig(method="signround").clip is None
+
+
+def test_signround_options_reach_its_settings(monkeypatch):
+    """--signround-lr/-batch/-loss/-target and --iters land in QuantConfig.signround as given;
+    left out, they keep SignRoundSettings' defaults."""
+    import llmzip.api
+    from llmzip.commands import quantize
+    from llmzip.config import SignRoundSettings
+
+    seen = []
+
+    def capture(model, config, **kw):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(llmzip.api, "quantize", capture)
+    for extra in (["--iters", "50", "--signround-lr", "5e-3", "--signround-batch", "4", "--signround-loss",
+                   "relative", "--signround-target", "layer"], []):
+        with pytest.raises(SystemExit):
+            quantize(_args("--method", "signround", *extra))
+    given, default = seen[0].signround, seen[1].signround
+    assert (given.iters, given.lr, given.batch, given.loss, given.target) == (50, 5e-3, 4, "relative", "layer")
+    assert default == SignRoundSettings()
+    assert given.step_size == 5e-3 and default.step_size == 1 / default.iters

@@ -35,7 +35,9 @@ def small_model_dir(smollm2_dir, tmp_path_factory):
 
 METHODS = {  # method: (QuantConfig keywords, the same settings as CLI options)
     "gptq": ({}, []),
-    "signround": ({"signround": SignRoundSettings(iters=3, batch=2)}, ["--iters", "3", "--signround-batch", "2"]),
+    # target "model" carries the float stream, which a resume must restore too
+    "signround": ({"signround": SignRoundSettings(iters=3, batch=2, target="model")},
+                  ["--iters", "3", "--signround-batch", "2", "--signround-target", "model"]),
 }
 
 

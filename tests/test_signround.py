@@ -162,11 +162,52 @@ def test_relative_loss_lowers_the_block_error_below_rtn():
     assert mse <= MAX_MSE_VS_RTN * rtn_mse, (mse, rtn_mse, info)
 
 
+@pytest.mark.parametrize("target", ["model", "layer"])
+def test_each_layer_is_fitted_to_the_chosen_float_outputs(monkeypatch, target):
+    """Layer 1's fit targets: with "model", the float model's own layer-1 outputs (float layer 0,
+    then float layer 1); with "layer", float layer 1 on the quantized layer 0's outputs. Its
+    inputs are the quantized layer 0's outputs either way."""
+    import copy
+
+    import llmzip.steps.signround as step
+
+    seen = []
+
+    def spy(forward, weights, inputs, targets, *args, **kw):
+        seen.append((inputs.clone(), targets.clone()))
+        return signround(forward, weights, inputs, targets, *args, **kw)
+
+    monkeypatch.setattr(step, "signround", spy)
+    model = tiny_llama(dtype=torch.float32)
+    fp = copy.deepcopy(model)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    cfg = QuantConfig(method="signround", weights=WeightScheme(2, 32),
+                      signround=SignRoundSettings(iters=2, batch=2, target=target))
+    assert cfg.float_stream == (target == "model")
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))
+    report = calibrate_model(model, cfg, ids, targets, device="cpu", progress=False)
+    x0, kwargs = capture_inputs(fp, fp.model.layers, ids, "cpu")
+    with torch.no_grad():
+        x0 = torch.cat(x0)
+        fp1 = first(fp.model.layers[0](x0, **kwargs))
+        q1 = first(model.model.layers[0](x0, **kwargs))
+        fp2 = first(fp.model.layers[1](fp1, **kwargs))
+        layer_target = first(fp.model.layers[1](q1, **kwargs))
+    inputs1, targets1 = seen[1]
+    torch.testing.assert_close(inputs1, q1, rtol=0, atol=1e-5)
+    want, other = (fp2, layer_target) if target == "model" else (layer_target, fp2)
+    torch.testing.assert_close(targets1, want, rtol=0, atol=1e-5)
+    assert (targets1 - other).abs().max().item() > 1e-3  # the two targets differ at W2
+    assert len(report["blocks"]) == 2
+
+
 def test_bad_settings_name_the_fix():
     with pytest.raises(ConfigError, match="--iters"):
         SignRoundSettings(iters=-1)
     with pytest.raises(ConfigError, match="--signround-loss"):
         SignRoundSettings(loss="l1")
+    with pytest.raises(ConfigError, match="--signround-target"):
+        SignRoundSettings(target="block")
     with pytest.raises(ConfigError, match="signround"):
         QuantConfig(method="awq+sign")
 

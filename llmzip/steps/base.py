@@ -37,7 +37,10 @@ class LayerWork:
     keep in `ref` (None: all, for steps that fit to them). ref: the float layer's
     outputs on the first `keep` inputs, set by the first step that runs the float layer.
     index: the layer's position (seeds per-layer randomness). stats: per-Linear
-    statistics keyed by full name; block: per-layer statistics.
+    statistics keyed by full name; block: per-layer statistics. fit_targets: the float
+    model's own outputs of this layer, one per input batch, when the run carries a
+    float stream (QuantConfig.float_stream); a fitting step then fits to them instead
+    of the float layer's outputs on `inputs`.
     """
 
     layer: nn.Module
@@ -53,6 +56,7 @@ class LayerWork:
     ref: list | None = None
     stats: dict = field(default_factory=dict)
     block: dict = field(default_factory=dict)
+    fit_targets: list | None = None
 
     def scheme(self, name: str):
         """The WeightScheme of the Linear `name` (relative to the layer): config.scheme_for."""

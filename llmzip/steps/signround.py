@@ -1,9 +1,11 @@
 """Step "signround": learned rounding of every target Linear of the layer at once,
 fitted to the float layer's outputs (llmzip.algorithms.signround).
 
-The inputs are the outputs of the already-quantized earlier layers; the targets are
-the float layer's outputs on those same inputs (taken before any earlier step of the
-recipe changed the layer, e.g. AWQ's clipping). The fit runs with autograd on the
+The inputs are the outputs of the already-quantized earlier layers. The targets are
+the float model's own outputs of this layer (SignRoundSettings.target "model", the
+default: work.fit_targets), or the float layer's outputs on the same quantized inputs
+("layer"); both are taken before any earlier step of the recipe changed the layer
+(e.g. AWQ's clipping). The fit runs with autograd on the
 layer in place: its own parameters are frozen for the duration and every target
 Linear's weight is swapped for its quantize-dequantize through torch.func.
 
@@ -36,12 +38,16 @@ from .base import LayerWork, first, register
 def round_signround(work: LayerWork) -> None:
     layer, config = work.layer, work.config
     settings = config.signround
-    if work.ref is None or len(work.ref) < len(work.inputs):
-        work.ref = run_keeping_first(work.run, work.inputs, None)
+    if work.fit_targets is not None:
+        fitted = work.fit_targets
+    else:
+        if work.ref is None or len(work.ref) < len(work.inputs):
+            work.ref = run_keeping_first(work.run, work.inputs, None)
+        fitted = work.ref
     shapes = {x.shape[1:] for x in work.inputs}
     if len(shapes) != 1:
         raise ValueError(f"SignRound needs calibration samples of one length; got shapes {sorted(shapes)}")
-    inputs, targets = torch.cat(work.inputs), torch.cat(work.ref)
+    inputs, targets = torch.cat(work.inputs), torch.cat(fitted)
     weights = {n: lin.weight.data for n, lin in work.names.items()}
     schemes = {n: work.scheme(n) for n in work.names}
     fit, kwargs, products = layer, work.kwargs, contextlib.nullcontext
