@@ -34,7 +34,7 @@ import torch
 
 from llmzip import QuantConfig, WeightScheme, load, quantize
 from llmzip.calibration import CalibConfig, calibration_ids
-from llmzip.config import GPTQSettings
+from llmzip.config import GPTQSettings, SignRoundSettings
 from llmzip.data import load_text
 from llmzip.eval.perplexity import perplexity, tokenize
 from llmzip.gguf_export import export_gguf
@@ -60,6 +60,8 @@ METHODS = {
                 "--method gptq --act-order"),
     "gptq-ao-refit": ({"method": "gptq", "gptq": GPTQSettings(act_order=True, static_groups=True, scale_refit=2)},
                       "--method gptq --act-order --scale-refit 2"),
+    "signround": ({"method": "signround", "signround": SignRoundSettings(iters=50)},
+                  "--method signround --iters 50"),  # --recipe best; fitted to the float model's hidden states
 }
 PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published",
            "Water boils at a temperature of", "The largest planet in the solar system"]

@@ -156,7 +156,7 @@ def _calibrate(model, config, ids, targets, device, progress, checkpoints, resum
     # The float model's inputs of the next layer; layer 0's are the quantized stream's.
     floats = None
     if config.float_stream:
-        floats = [x.to(device) for x in checkpoints.inputs(done, "float_inputs")] if saved and done else list(inputs)
+        floats = [x.to(device) for x in checkpoints.inputs(done, "float_inputs")] if saved else list(inputs)
     bar = tqdm(range(len(layers)), desc=config.method, unit="layer", initial=done, disable=not progress)
     for i in range(done, len(layers)):
         if lazy is not None:
@@ -185,8 +185,10 @@ def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict
     float model's inputs of this layer, when the run carries them."""
     t0 = time.perf_counter()
     names = {n: m for n, m in layer.named_modules() if prefix + n in targets}
-    work = LayerWork(layer, prefix, names, inputs, kwargs, config, arch, reference_keep(config.steps, REF_BATCHES),
-                     index, progress)
+    # With a float stream the fits and the error below use the float model's outputs: no
+    # step needs to keep the float layer's own outputs.
+    keep = 0 if floats is not None else reference_keep(config.steps, REF_BATCHES)
+    work = LayerWork(layer, prefix, names, inputs, kwargs, config, arch, keep, index, progress)
     if floats is not None:  # before any step changes the layer
         with torch.no_grad():
             work.fit_targets = [work.run(x) for x in floats]
