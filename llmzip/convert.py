@@ -6,8 +6,9 @@ bit. Scales keep their stored dtype (the model is loaded in the scales' dtype, u
 fp16) so no scale is rounded on the way.
 
 A desc_act GPTQ checkpoint whose groups are not contiguous needs its g_idx: it is written
-as `actorder: "group"` with `weight_g_idx` tensors, which llmzip and vLLM read but
-compressed-tensors >= 0.20 (and so transformers) no longer accepts.
+as `actorder: "group"` with `weight_g_idx` tensors, which llmzip reads but
+compressed-tensors >= 0.20 (and so transformers) and vLLM >= 0.32 no longer accept
+(bench/results/vllm_load.md).
 """
 
 from __future__ import annotations
