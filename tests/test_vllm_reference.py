@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmzip.packing import pack_int32
+
 # Same bf16 weights and products on both sides; only the fp32 summation order may differ.
 RTOL, ATOL = 1e-2, 1e-2
 
@@ -23,10 +25,9 @@ def _side():
 
 
 def _pack_along_n(codes: torch.Tensor) -> torch.Tensor:
-    """[R, N] codes 0..15 -> [R, N/8] int32, as vLLM's pack_quantized_values_into_int32(dim 1)."""
-    c = codes.to(torch.int64).view(codes.shape[0], -1, 8)
-    words = (c << (4 * torch.arange(8))).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    """[R, N] codes 0..15 -> [R, N/8] int32, as vLLM's pack_quantized_values_into_int32(dim 1):
+    llmzip's own 4-bit packing (eight nibbles per word, LSB-first) of the codes less 8."""
+    return pack_int32((codes - 8).to(torch.int8), 4, dim=1)
 
 
 def _vllm_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -49,13 +50,14 @@ def test_reference_gemm_matches_the_dense_weights_it_encodes(asymmetric):
     dense = ((codes - offset).float() * scales.float().repeat_interleave(group, 0)).to(torch.bfloat16)
     expected = (x.float() @ dense.float() + bias.float()).to(torch.bfloat16)
 
-    out = _side().reference_cpu_gemm_wna16(input=x, q_weight=_vllm_layout(codes), scales=scales,
-                                           zeros=_pack_along_n(zero) if asymmetric else None, bias=bias,
-                                           pack_factor=8, isa_hint="vec")
+    side = _side()
+    out = side.reference_cpu_gemm_wna16(input=x, q_weight=_vllm_layout(codes), scales=scales,
+                                        zeros=_pack_along_n(zero) if asymmetric else None, bias=bias,
+                                        pack_factor=8, isa_hint="vec")
     assert out.shape == (2, m, n) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
     # the codes' order matters: the same words read with the 16-channel blocks undone differ
-    wrong = _side().reference_cpu_gemm_wna16(input=x, q_weight=_pack_along_n(codes).view(n // 16, 2 * k),
-                                             scales=scales, zeros=_pack_along_n(zero) if asymmetric else None,
-                                             bias=bias, pack_factor=8, isa_hint="vec")
+    wrong = side.reference_cpu_gemm_wna16(input=x, q_weight=_pack_along_n(codes).view(n // 16, 2 * k),
+                                          scales=scales, zeros=_pack_along_n(zero) if asymmetric else None,
+                                          bias=bias, pack_factor=8, isa_hint="vec")
     assert (wrong.float() - expected.float()).abs().max().item() > 10 * ATOL
