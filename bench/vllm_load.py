@@ -191,10 +191,10 @@ def main() -> int:
 
 def vllm_choices(log: str) -> dict:
     """What vLLM chose for a checkpoint, from its log: the platform class and the linear
-    kernels (vLLM logs each choice once per process)."""
+    kernels (vLLM logs each choice once per process); "-" where the log names no platform."""
     platform = re.search(r"using (\w+Platform)", log)
     kernels = sorted(set(re.findall(r"Using (\w+) for (?:mixed-precision linear|\w+ GEMM)", log)))
-    return {"platform": platform.group(1) if platform else "CpuPlatform", "kernels": kernels}
+    return {"platform": platform.group(1) if platform else "-", "kernels": kernels}
 
 
 def gemm_used(theirs: dict) -> str:

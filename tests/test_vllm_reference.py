@@ -61,3 +61,17 @@ def test_reference_gemm_matches_the_dense_weights_it_encodes(asymmetric):
                                           scales=scales, zeros=_pack_along_n(zero) if asymmetric else None,
                                           bias=bias, pack_factor=8, isa_hint="vec")
     assert (wrong.float() - expected.float()).abs().max().item() > 10 * ATOL
+
+
+def test_the_load_table_reports_only_what_vllms_log_names():
+    """bench/vllm_load.vllm_choices: the platform and kernels vLLM's log names, and "-" for a
+    platform the log does not name (never an assumed one)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "vllm_load.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm_load", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log = ("INFO [platforms] Automatically detected platform cpu, using CpuPlatform.\n"
+           "INFO Using CPUWNA16LinearKernel for mixed-precision linear\n"
+           "INFO Using CPUWNA16LinearKernel for mixed-precision linear\n")
+    assert module.vllm_choices(log) == {"platform": "CpuPlatform", "kernels": ["CPUWNA16LinearKernel"]}
+    assert module.vllm_choices("INFO Loading weights took 0.5 seconds\n") == {"platform": "-", "kernels": []}
