@@ -67,6 +67,8 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     # SignRound rows name their --signround-target, whose default changed from layer to model
     "llmzip-signround-model": ("llmzip", "signround model-target", None, None, None),
     "llmzip-signround-model-light": ("llmzip", "signround model-target light-lr", None, None, None),
+    # the same method, kept as its own row for runs with more --iters than --recipe best's 50
+    "llmzip-signround-model-long": ("llmzip", "signround model-target", None, None, None),
     "llmzip-signround-layer": ("llmzip", "signround layer-target", None, None, None),
     "llmzip-signround-rot": ("llmzip", "signround rotate model-target", None, None, None),
     "llmzip-signround-rel": ("llmzip", "signround relative layer-target", None, None, None),
@@ -82,6 +84,7 @@ PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmco
          ("llmzip-awq", "llmcompressor-awq", True),
          ("llmzip-gptq", "hqq", False), ("llmzip-awq", "hqq", False),
          ("llmzip-signround-model", "autoround", True), ("llmzip-signround-model-light", "autoround", True),
+         ("llmzip-signround-model-long", "autoround", True),
          ("llmzip-signround-layer", "autoround", True), ("llmzip-signround-rot", "autoround", True),
          ("llmzip-signround-rel", "autoround", True),
          ("llmzip-gptq-act", "autoround", True), ("llmzip-gptq-act-rot", "autoround", True)]
