@@ -2,11 +2,11 @@
 
 `llmzip quantize --recipe best` spends most of its time in SignRound's steps: per decoder
 layer, `iters` steps of forward + backward through the layer on `batch` calibration samples.
-This script times such steps exactly as llmzip.steps.signround runs them (an fp32 copy of
-the layer where the CPU has no native bf16 matmul, else the model's dtype), splits one
-step's CPU time by operator with torch.profiler, and sets the matmuls' rate (FLOPs counted
-by the profiler) beside the rate of a plain fp32 GEMM of the layer's largest shape on the
-same machine. The product steps x layers x seconds per step is a lower bound of the fit
+This script times such steps as llmzip.steps.signround runs them (an fp32 copy of the
+layer where the CPU has no native bf16 matmul, else the model's dtype), splits the CPU
+time of a signround() call of a few steps by operator with torch.profiler, and sets the matmuls' rate (FLOPs counted
+by the profiler) beside the rate of a plain GEMM of the layer's largest shape on the same
+machine. The product steps x layers x seconds per step is a lower bound of the fit
 time alone (no calibration passes, load or save).
 
     python bench/signround_step.py [--layer 3] [--batch 8] [--seq-len 512] [--steps 6] [--table]
@@ -17,6 +17,7 @@ Writes bench/results/signround_step.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -62,10 +63,11 @@ def main() -> int:
     from llmzip.config import SignRoundSettings, WeightScheme
     from llmzip.data import load_text
     from llmzip.eval.perplexity import tokenize
-    from llmzip.kernels.cpu_dense import emulated_halves
+    from llmzip.kernels.cpu_dense import emulated_halves, outside_products
     from llmzip.models import demo_checkpoint, load_pretrained
     from llmzip.sequential import capture_inputs
     from llmzip.steps.base import first
+    from llmzip.steps.signround import to_fp32
 
     torch.manual_seed(0)
     model, tok = load_pretrained(str(demo_checkpoint("smollm2-135m")))
@@ -74,11 +76,10 @@ def main() -> int:
     layer = model.model.layers[args.layer]
     x = torch.cat(inputs)
     fit_dtype = torch.float32 if x.dtype in emulated_halves(x.device) else x.dtype
+    products = outside_products if fit_dtype != x.dtype else contextlib.nullcontext
     if fit_dtype != x.dtype:  # as llmzip.steps.signround: an fp32 copy of the layer and fp32 activations
         layer, x = layer.float(), x.float()
-        kwargs = {k: tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in v)
-                  if isinstance(v, tuple) else v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-                  for k, v in kwargs.items()}
+        kwargs = to_fp32(kwargs)
     for prm in layer.parameters():
         prm.requires_grad_(False)
     with torch.no_grad():
@@ -90,8 +91,8 @@ def main() -> int:
         swapped = {f"{n}.weight": w.to(inp.dtype) for n, w in dense.items()}
         return first(torch.func.functional_call(layer, swapped, (inp,), kwargs, strict=False))
 
-    def run(steps: int) -> None:
-        with torch.enable_grad():
+    def run(steps: int) -> None:  # one signround() call: its setup, `steps` steps, its final rounding
+        with products(), torch.enable_grad():
             signround(forward, weights, x, y, WeightScheme(4, 64), SignRoundSettings(iters=steps, batch=args.batch))
 
     run(2)  # warm-up
@@ -138,7 +139,8 @@ def main() -> int:
           f"(started {r['started']}).", "",
           f"A step is forward + backward through the decoder layer on {r['batch']} x {r['seq_len']} calibration "
           f"tokens in {r['fit_dtype']} (as llmzip.steps.signround runs it here), W4 g64. Shares: self CPU "
-          f"time of {profiled} profiled steps by operator (torch.profiler); matmul GFLOP/s: the profiler's "
+          f"time by operator (torch.profiler) of one signround() call of {profiled} steps, its setup and final "
+          "rounding included; matmul GFLOP/s: the profiler's "
           "FLOP count of the step's matmuls over their time, beside one plain GEMM of the layer's largest "
           "shape on the same machine.", "",
           "| s / step | matmul | attention | other | step matmul GFLOP/s | plain GEMM GFLOP/s | ratio |",

@@ -52,7 +52,7 @@ def round_signround(work: LayerWork) -> None:
     schemes = {n: work.scheme(n) for n in work.names}
     fit, kwargs, products = layer, work.kwargs, contextlib.nullcontext
     if inputs.dtype in emulated_halves(inputs.device):
-        fit, kwargs = copy.deepcopy(layer).float(), _to_fp32(work.kwargs)
+        fit, kwargs = copy.deepcopy(layer).float(), to_fp32(work.kwargs)
         inputs, products = inputs.float(), outside_products
 
     def forward(x, dense):
@@ -85,7 +85,7 @@ def round_signround(work: LayerWork) -> None:
         set_module(layer, n, QuantLinear.from_quantized(lin, res.q, res.scale, res.zero, scheme))
 
 
-def _to_fp32(kwargs: dict) -> dict:
+def to_fp32(kwargs: dict) -> dict:
     """The layer's keyword arguments with floating tensors (rotary tables, additive masks)
     in fp32, inside tuples too."""
     def up(v):
