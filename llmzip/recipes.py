@@ -12,10 +12,16 @@ from .config import ConfigError
 RECIPES = {
     "fast": {"doc": "round-to-nearest, no calibration data (seconds)", "method": "rtn"},
     "default": {"doc": "GPTQ with act-order and clip search (minutes)", "method": "gptq", "act_order": True},
-    "best": {"doc": "SignRound learned rounding fitted to the float model's outputs, 50 steps of 8 samples per "
-                    "layer (the best measured rows at W4 g64 and W3 g64; about 30 minutes for SmolLM2-135M on 2 "
-                    "AVX2 cores; --iters more or fewer)", "method": "signround", "iters": 50},
+    "best": {"doc": "SignRound learned rounding fitted to the float model's outputs, 8 samples per step: 40 steps "
+                    "per layer at 4 bits and more (about 19 minutes for SmolLM2-135M on 2 AVX2 cores), 50 below "
+                    "4 bits or with --avg-bits (--iters more or fewer)", "method": "signround",
+             "iters": {"low_bits": 50, "high_bits": 40}},
 }
+# "iters" of a recipe: one number, or {"low_bits": n, "high_bits": m}: m when every quantized weight
+# gets HIGH_BITS or more (plain --bits, no --avg-bits), n otherwise. At 4 bits on SmolLM2-135M, 40
+# steps took 1141 s (1.136x bf16) and 50 steps 1.124x in about 2.5 minutes more; below 4 bits, 50 are
+# what was measured (bench/results/calibrated_peers.md).
+HIGH_BITS = 4
 
 
 def apply_recipe(args) -> None:
@@ -32,4 +38,8 @@ def apply_recipe(args) -> None:
         args.act_order = True
     for key in ("iters", "signround_batch"):
         if key in recipe and getattr(args, key, None) is None:
-            setattr(args, key, recipe[key])
+            value = recipe[key]
+            if isinstance(value, dict):
+                high = getattr(args, "avg_bits", None) is None and getattr(args, "bits", 4) >= HIGH_BITS
+                value = value["high_bits" if high else "low_bits"]
+            setattr(args, key, value)

@@ -27,7 +27,11 @@ def test_recipes_fill_method_and_settings():
     default = _args("--recipe", "default")
     assert (default.method, default.act_order) == ("gptq", True)
     best = _args("--recipe", "best")
-    assert (best.method, best.iters) == ("signround", 50)
+    assert (best.method, best.iters) == ("signround", 40)  # 4 bits (the default): the 20-minute budget
+    assert _args("--recipe", "best", "--bits", "8").iters == 40
+    assert _args("--recipe", "best", "--bits", "3").iters == 50
+    assert _args("--recipe", "best", "--bits", "2").iters == 50
+    assert _args("--recipe", "best", "--avg-bits", "3.75").iters == 50  # some layers may get 2 or 3 bits
     best = _args("--recipe", "best", "--iters", "7")
     assert (best.method, best.iters) == ("signround", 7)  # an explicit option wins over the recipe
 

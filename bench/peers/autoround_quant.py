@@ -3,13 +3,13 @@
 Runs inside AutoRound's own virtualenv (see bench/setup_peers.sh), model in bf16 on CPU:
     python peers/autoround_quant.py MODEL_DIR OUT_DIR --calib IDS.npy --bits 4 --group-size 64  (-1 = per-channel)
 Recipe: AutoRound's "light" one (its CLI's --recipe light: 50 iterations, lr 5e-3, batch 8), symmetric
-int weights, lm_head kept; everything else its defaults. Calibration: the file's rows, in file order, as
+int weights (asymmetric with --asym), lm_head kept; everything else its defaults. Calibration: the file's rows, in file order, as
 token-id tensors of `batch` rows (its dataset argument takes a list of batches), nsamples = rows in the
 file, seqlen = their length; the model's embedding records what it saw (calib_ids.Recorder).
 Export: AutoRound's "fake" format (the quantize-dequantized weights, fp32 on CPU), read back in bf16 and
 written as a plain bf16 HF checkpoint (no quantization_config, so any loader reads it as a dense model),
 so the same evaluator scores it. bits_per_weight is nominal, from the group size: nbits + one 16-bit scale per
-group (symmetric), the way llmzip counts its own checkpoints.
+group (+ an nbits zero point per group with --asym), the way llmzip counts its own checkpoints.
 Prints one JSON line: {"seconds": quantize + save, excluding model load, "version", "recipe",
 "bits_per_weight", "bits_per_weight_nominal", "bits_note", "calibration"}.
 """
@@ -39,7 +39,7 @@ bs = LIGHT["batch_size"]
 batches = [torch.from_numpy(ids[i : i + bs]) for i in range(0, len(ids), bs)]
 rec = calib_ids.Recorder(model)
 t0 = time.perf_counter()
-ar = AutoRound(model, tok, scheme="W4A16", bits=a.bits, group_size=a.group_size, sym=True, dataset=batches,
+ar = AutoRound(model, tok, scheme="W4A16", bits=a.bits, group_size=a.group_size, sym=not a.asym, dataset=batches,
                nsamples=len(ids), seqlen=ids.shape[1], iters=a.iters, lr=LIGHT["lr"], batch_size=bs,
                device_map="cpu", enable_torch_compile=False, seed=42)
 fake = Path(a.out) / "fake"
@@ -59,9 +59,10 @@ for name, mod in model.named_modules():
         scales += mod.weight.numel() // (mod.in_features if group == -1 else group)
 print(json.dumps({"seconds": round(time.perf_counter() - t0, 3), "version": version("auto-round"),
                   "recipe": f"light ({a.iters} iters, lr 5e-3, batch 8)",
-                  "bits_per_weight": round((weights * a.bits + scales * 16) / weights, 4),
+                  "bits_per_weight": round((weights * a.bits + scales * (16 + a.bits * a.asym)) / weights, 4),
                   "bits_per_weight_nominal": True,
-                  "bits_note": "nominal: nbits + one 16-bit scale per group (symmetric), weights written back "
-                               "dequantized as bf16",
+                  "bits_note": ("nominal: nbits + one 16-bit scale and one nbits zero point per group (asymmetric)"
+                                if a.asym else "nominal: nbits + one 16-bit scale per group (symmetric)")
+                               + ", weights written back dequantized as bf16",
                   "pad_id_in_calib": bool(tok.pad_token_id is not None and (ids == tok.pad_token_id).any()),
                   "calibration": seen}))

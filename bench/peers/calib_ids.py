@@ -16,13 +16,14 @@ import numpy as np
 
 
 def arguments() -> argparse.ArgumentParser:
-    """The calibrated peer scripts' common arguments: model, out, --calib, --bits, --group-size."""
+    """The calibrated peer scripts' common arguments: model, out, --calib, --bits, --group-size, --asym."""
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--calib", required=True, help="int64 .npy [samples, seq_len] written by the driver")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--asym", action="store_true", help="asymmetric: a zero point per group (default symmetric)")
     return p
 
 

@@ -30,7 +30,7 @@ ids, _ = calib_ids.load(a.calib)
 model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
 tok = AutoTokenizer.from_pretrained(a.model)
 weights = QuantizationArgs(
-    num_bits=a.bits, type="int", symmetric=True,
+    num_bits=a.bits, type="int", symmetric=not a.asym,
     strategy="channel" if a.group_size == -1 else "group",
     group_size=None if a.group_size == -1 else a.group_size,
 )
