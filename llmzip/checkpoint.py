@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, WeightScheme
+from .config import ConfigError, WeightScheme, parse_activations
 from .errors import UserError
 from .files import check_safetensors, open_safetensors, read_json
 from .legacy import LEGACY_METHODS, LegacyFormatError, import_state
 from .moe import prepare_experts
 from .kernels import registry
-from .quant_linear import ACTIVATIONS, QuantLinear, set_activations
+from .quant_linear import QuantLinear, set_activations
 from .surgery import linear_names, set_module
 
 METADATA_FILE = "llmzip.json"
@@ -233,10 +233,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     that kernels are chosen and prepared once).
     dtype: compute dtype of the unquantized parts (default: the checkpoint's).
     activations: "fp8" (opt-in) quantizes each quantized layer's input per token to e4m3:
-    W4A8 on FP8 tensor cores on a GPU that has them, emulated in plain torch elsewhere.
+    W4A8 on FP8 tensor cores on a GPU that has them, emulated in plain torch elsewhere;
+    "fp8-except=gate_proj,up_proj" does so except for the listed Linears (by their own name),
+    which keep 16-bit inputs (config.parse_activations).
     """
-    if activations not in ACTIVATIONS:
-        raise CheckpointError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+    try:
+        parse_activations(activations)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -290,7 +294,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             f"{path}: tensors missing {still_meta[:5]} / unexpected {result.unexpected_keys[:5]}"
         )
     model = model.to(device).eval()
-    set_activations(model, activations)
+    try:
+        set_activations(model, activations)
+    except ValueError as e:  # an except list naming no quantized Linear of this model
+        raise CheckpointError(f"{path}: {e}") from None
     registry.bind(model)  # once, on the final device: repacking (if the kernel wants it) happens here
     return model
 

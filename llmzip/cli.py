@@ -16,7 +16,9 @@ import sys
 import traceback
 
 ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) or fp8 (opt-in W4A8: per-token "
-            "e4m3 on FP8 tensor cores on GPUs that have them, emulated in torch elsewhere; default: fp16)")
+            "e4m3 on FP8 tensor cores on GPUs that have them, emulated in torch elsewhere), or fp8-except=NAMES: "
+            "fp8 but the Linears of those names keep 16-bit inputs (e.g. fp8-except=gate_proj,up_proj, the MLP's "
+            "input, which costs SmolLM2 most of fp8's perplexity); default: fp16")
 # config, console, kv_schemes and recipes are light (dataclasses only): safe to import before parsing
 from . import kv_schemes  # noqa: E402
 from .console import (DTYPES, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,  # noqa: E402,F401
@@ -30,6 +32,16 @@ def _bits_list(text: str) -> tuple[int, ...]:
         return tuple(int(b) for b in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated integers, e.g. 2,3,4,8") from None
+
+
+def _activations(text: str) -> str:
+    from .config import parse_activations
+
+    try:
+        parse_activations(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _group_size(text: str) -> int | None | str:
@@ -152,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int4/int2: tokens per key group / channels per value group (default: 32)")
     ppl.add_argument("--kv-chunk", type=int, default=16,
                      help="tokens per forward pass with --kv-cache-dtype; 1 = token-by-token decoding (default: 16)")
-    ppl.add_argument("--activations", default="fp16", choices=["fp16", "fp8"], help=ACT_HELP)
+    ppl.add_argument("--activations", default="fp16", type=_activations, help=ACT_HELP)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
     t = esub.add_parser("tasks", help="downstream tasks: built-in offline ones (eval/tasks.py) or any lm-eval task")
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     s.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.add_argument("--activations", default="fp16", choices=["fp16", "fp8"], help=ACT_HELP)
+    s.add_argument("--activations", default="fp16", type=_activations, help=ACT_HELP)
     s.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="CPU: run dense bf16 Linears (the LM head; all Linears of an unquantized model) on their "
                         "own weights instead of prepared copies (oneDNN-prepacked bf16, or fp32 on CPUs without "

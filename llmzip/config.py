@@ -372,3 +372,22 @@ class QuantConfig:
             bits_choices=tuple(d.get("bits_choices", (2, 3, 4, 8))),
             schemes={n: WeightScheme(**s) for n, s in d.get("schemes", {}).items()},
         )
+
+
+ACTIVATIONS = ("fp16", "fp8")  # "fp16": the model's 16-bit dtype as is; "fp8": per-token e4m3 (W4A8)
+EXCEPT = "fp8-except="  # "fp8-except=gate_proj,up_proj": fp8, but those Linears keep 16-bit inputs
+
+
+def parse_activations(spec: str) -> tuple[str, frozenset]:
+    """An activations spec -> (mode, names of Linears that keep 16-bit inputs).
+    "fp16" and "fp8" apply to every quantized Linear; "fp8-except=NAME[,NAME...]" is fp8 except
+    for the Linears whose own name (the last part of the module path, e.g. gate_proj) is listed.
+    Raises ValueError on anything else."""
+    if spec in ACTIVATIONS:
+        return spec, frozenset()
+    names = frozenset(n.strip() for n in spec[len(EXCEPT):].split(",") if n.strip()) if spec.startswith(EXCEPT) \
+        else frozenset()
+    if not names:
+        raise ValueError(f"activations must be one of {ACTIVATIONS} or {EXCEPT}NAME[,NAME...] "
+                         f"(e.g. {EXCEPT}gate_proj,up_proj), not {spec!r}")
+    return "fp8", names

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import WeightScheme
+from .config import WeightScheme, parse_activations
 from .kernels import registry
 from .kernels.base import KernelLayer, LayerSpec
 from .packing import pack_int32, packed_len
@@ -158,15 +158,15 @@ def cached_dense_weights(module: nn.Module):
             m._dense = None
 
 
-ACTIVATIONS = ("fp16", "fp8")  # "fp16": the model's 16-bit dtype as is; "fp8": per-token e4m3 (W4A8)
-
-
 def set_activations(model: nn.Module, activations: str) -> None:
-    """Run every QuantLinear with `activations` ("fp16" or "fp8"); their kernels are chosen
-    again (by `llmzip.kernels.registry.bind`, or on their next call)."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.activations = activations
-            registry.unbind(m)
+    """Run the QuantLinears with `activations` (a spec of parse_activations: "fp16", "fp8" or
+    "fp8-except=NAMES"); their kernels are chosen again (by `llmzip.kernels.registry.bind`, or
+    on their next call). A name in the except list that no quantized Linear has is an error."""
+    mode, kept = parse_activations(activations)
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    unknown = kept - {n.rsplit(".", 1)[-1] for n, _ in quantized}
+    if unknown:
+        raise ValueError(f"activations {activations!r}: no quantized Linear is named {', '.join(sorted(unknown))}")
+    for name, m in quantized:
+        m.activations = "fp16" if name.rsplit(".", 1)[-1] in kept else mode
+        registry.unbind(m)
