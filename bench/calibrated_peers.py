@@ -484,7 +484,6 @@ def render(result: dict, results: Path) -> None:
             for a in mine if p else ():
                 pair_line(lines, s, a, p, full)
     if lines[-1].startswith("|---"):
-
         lines.append("| (no llmzip row with a peer row of the same setting in this run) | | | | |")
     lines += summary(rows)
     text = "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ ACT_HELP = ("activations of the quantized layers: fp16 (the model dtype as is) o
 from . import kv_schemes  # noqa: E402
 from .console import (DTYPES, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,  # noqa: E402,F401
                       EXIT_REGRESSION, print_json)
-from .config import METHODS, SIGNROUND_LOSSES, SIGNROUND_TARGETS  # noqa: E402
+from .config import METHODS, SIGNROUND_LOSSES, SIGNROUND_TARGETS, parse_activations  # noqa: E402
 from .recipes import RECIPES  # noqa: E402
 
 
@@ -35,8 +35,6 @@ def _bits_list(text: str) -> tuple[int, ...]:
 
 
 def _activations(text: str) -> str:
-    from .config import parse_activations
-
     try:
         parse_activations(text)
     except ValueError as e:

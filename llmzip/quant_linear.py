@@ -163,10 +163,10 @@ def set_activations(model: nn.Module, activations: str) -> None:
     "fp8-except=NAMES"); their kernels are chosen again (by `llmzip.kernels.registry.bind`, or
     on their next call). A name in the except list that no quantized Linear has is an error."""
     mode, kept = parse_activations(activations)
-    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    unknown = kept - {n.rsplit(".", 1)[-1] for n, _ in quantized}
+    quantized = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    unknown = kept - {name for name, _ in quantized}
     if unknown:
         raise ValueError(f"activations {activations!r}: no quantized Linear is named {', '.join(sorted(unknown))}")
     for name, m in quantized:
-        m.activations = "fp16" if name.rsplit(".", 1)[-1] in kept else mode
+        m.activations = "fp16" if name in kept else mode
         registry.unbind(m)

@@ -18,9 +18,10 @@ RECIPES = {
              "iters": {"low_bits": 50, "high_bits": 40}},
 }
 # "iters" of a recipe: one number, or {"low_bits": n, "high_bits": m}: m when every quantized weight
-# gets HIGH_BITS or more (plain --bits, no --avg-bits), n otherwise. At 4 bits on SmolLM2-135M, 40
-# steps took 1141 s (1.136x bf16) and 50 steps 1.124x in about 2.5 minutes more; below 4 bits, 50 are
-# what was measured (bench/results/calibrated_peers.md).
+# gets HIGH_BITS or more (plain --bits, no --avg-bits), n otherwise. On SmolLM2-135M (2 AVX2 cores),
+# 40 steps at W4 g64 took 1141 s (1.136x bf16; 50 steps scored 1.124x), and 50 steps at W2 g64 asym,
+# the same work per layer, took 1316 s, over a 20-minute budget; below 4 bits, 50 are what was
+# measured (bench/results/calibrated_peers.md).
 HIGH_BITS = 4
 
 
