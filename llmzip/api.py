@@ -164,6 +164,7 @@ def quantize(
             "kv_cache": {"dtype": "fp8", "scales": report["kv_scales"]} if config.kv_cache else None,
             "layers": report["layers"],
             "blocks": report.get("blocks"),
+            "tune": report.get("tune"),
             "quantize_seconds": report["seconds"],
             "peak_rss_mib": report["peak_rss_mib"],
         }
@@ -250,6 +251,13 @@ def _calibrated(model, tokenizer, config, calib, device, progress, output_dir, r
         checkpoints = LayerCheckpoints(work_dir(output_dir), fingerprint)
     report = calibrate_model(model, config, ids, quantized, device=device, progress=progress,
                                  checkpoints=checkpoints, resume=resume, lazy=lazy)
+    floats = report.pop("float_outputs", None)
+    if config.tune.epochs:
+        from .tuning import tune_scales
+
+        teacher = torch.cat([f.cpu() for f in floats])
+        del floats
+        report["tune"] = tune_scales(model, ids, teacher, config.tune, device=device, progress=progress)
     report.update(quantized=quantized, ignored=ignored)
     report["checkpoints"] = checkpoints
     return report, {**calib.to_dict(), "digest": digest}

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SignRound: what each layer is fitted to: model, the float model's own hidden states "
                         "(default, AutoRound's; each layer also makes up for the earlier layers' error), or layer, "
                         "the float layer's output on the same quantized inputs")
+    c.add_argument("--tune-epochs", type=int, default=None, metavar="N",
+                   help="after the layer-by-layer calibration, N passes of end-to-end tuning of every group scale "
+                        "(codes fixed) to the float model's next-token distribution on the calibration tokens "
+                        "(default: 0, off; holds the whole model and one batch's logits in memory)")
+    c.add_argument("--tune-lr", type=float, default=None,
+                   help="--tune-epochs: Adam's step size on each scale's log gain, cosine-decayed (default: 5e-3)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--rotate", default=None, choices=["hadamard"],

@@ -20,8 +20,8 @@ def _names(text: str | None) -> list[str]:
 def quantize(args) -> int:
     from .api import AUTO_GROUP_SIZES, quantize as run
     from .calibration import CalibConfig
-    from .config import (DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, SignRoundSettings, WeightScheme,
-                         clip_by_default)
+    from .config import (DEFAULT_IGNORE, ClipSearch, GPTQSettings, QuantConfig, SignRoundSettings, TuneSettings,
+                         WeightScheme, clip_by_default)
     from .recipes import apply_recipe
 
     apply_recipe(args)
@@ -35,6 +35,7 @@ def quantize(args) -> int:
                                                                  ("loss", args.signround_loss),
                                                                  ("target", args.signround_target))
                                        if v is not None}),
+        tune=TuneSettings(**{k: v for k, v in (("epochs", args.tune_epochs), ("lr", args.tune_lr)) if v is not None}),
         method=args.method,
         weights=WeightScheme(bits=args.bits, group_size=AUTO_GROUP_SIZES[0] if auto_group else args.group_size,
                              symmetric=not args.asym),

@@ -237,6 +237,30 @@ class SignRoundSettings:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
 
+@dataclass(frozen=True)
+class TuneSettings:
+    """End-to-end scale tuning after the layer-by-layer calibration (llmzip.tuning):
+    every group scale is fitted, codes fixed, to the float model's next-token
+    distribution on the calibration tokens.
+
+    epochs: passes over the calibration samples (0: off). lr: Adam's step size on the
+        log of each scale's gain, decaying to 0 on a cosine. batch: samples per step.
+    seed: the order of the samples."""
+
+    epochs: int = 0
+    lr: float = 5e-3
+    batch: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ConfigError(f"tune epochs={self.epochs!r} must be a non-negative integer (--tune-epochs)")
+        if not self.lr > 0:
+            raise ConfigError(f"tune lr={self.lr!r} must be positive (--tune-lr)")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"tune batch={self.batch!r} must be at least 1")
+
+
 def recipe_steps(method: str) -> tuple[str, ...]:
     """The per-layer steps of a calibrated method: 'awq+gptq' -> ('awq', 'gptq'), and
     'awq' -> ('awq', 'rtn') (smoothing alone ends in round-to-nearest)."""
@@ -282,6 +306,7 @@ class QuantConfig:
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     awq: AWQSettings = field(default_factory=AWQSettings)
     signround: SignRoundSettings = field(default_factory=SignRoundSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
     kv_cache: str | None = None  # "fp8": calibrate static FP8 K/V scales and export them
     rotate: str | None = None  # "hadamard": rotate the float model first (llmzip.rotation)
     rotate_seed: int = 0
@@ -308,6 +333,9 @@ class QuantConfig:
             raise ConfigError(
                 f"method '{self.method}' is not available: choose one of {', '.join(METHODS)}"
             )
+        if self.tune.epochs and self.method not in CALIBRATED:
+            raise ConfigError(f"--tune-epochs fits the scales on calibration data after a calibrated method; "
+                              f"'{self.method}' reads none: use --method gptq, awq or signround")
         if self.clip == "auto":
             object.__setattr__(self, "clip", ClipSearch() if clip_by_default(self.method) else None)
         elif not (self.clip is None or isinstance(self.clip, ClipSearch)):
@@ -337,8 +365,9 @@ class QuantConfig:
     @property
     def float_stream(self) -> bool:
         """Whether calibration carries the float model's hidden states beside the
-        quantized ones (SignRoundSettings.target == "model")."""
-        return "signround" in self.steps and self.signround.target == "model"
+        quantized ones: SignRound fits to them (SignRoundSettings.target == "model"), and
+        the end-to-end scale tuning (tune.epochs) takes its targets from the last layer's."""
+        return ("signround" in self.steps and self.signround.target == "model") or self.tune.epochs > 0
 
     @property
     def uses_gptq(self) -> bool:
@@ -365,6 +394,7 @@ class QuantConfig:
             gptq=GPTQSettings(**d.get("gptq", {})),
             awq=AWQSettings(**d.get("awq", {})),
             signround=SignRoundSettings(**d.get("signround", {})),
+            tune=TuneSettings(**d.get("tune", {})),
             kv_cache=d.get("kv_cache"),
             rotate=d.get("rotate"),
             rotate_seed=d.get("rotate_seed", 0),

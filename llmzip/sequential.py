@@ -175,7 +175,10 @@ def _calibrate(model, config, ids, targets, device, progress, checkpoints, resum
         bar.set_postfix(mem)
         bar.update(1)
     bar.close()
-    return {"layers": stats, "blocks": blocks}
+    report = {"layers": stats, "blocks": blocks}
+    if config.tune.epochs:  # the float model's last hidden states: the targets of llmzip.tuning
+        report["float_outputs"] = floats
+    return report
 
 
 def _quantize_layer(layer, prefix: str, targets: set, inputs: list, kwargs: dict, config: QuantConfig, arch,

@@ -16,7 +16,7 @@ import llmzip
 from llmzip import QuantConfig, WeightScheme
 from llmzip.api import work_dir
 from llmzip.calibration import CalibConfig
-from llmzip.config import SignRoundSettings
+from llmzip.config import SignRoundSettings, TuneSettings
 
 LAYERS = 8
 
@@ -33,11 +33,13 @@ def small_model_dir(smollm2_dir, tmp_path_factory):
     return d
 
 
-METHODS = {  # method: (QuantConfig keywords, the same settings as CLI options)
-    "gptq": ({}, []),
+METHODS = {  # name: (method, QuantConfig keywords, the same settings as CLI options)
+    "gptq": ("gptq", {}, []),
     # target "model" carries the float stream, which a resume must restore too
-    "signround": ({"signround": SignRoundSettings(iters=3, batch=2, target="model")},
+    "signround": ("signround", {"signround": SignRoundSettings(iters=3, batch=2, target="model")},
                   ["--iters", "3", "--signround-batch", "2", "--signround-target", "model"]),
+    # the end-to-end scale tuning after the last layer fits to the restored float stream's end
+    "gptq-tune": ("gptq", {"tune": TuneSettings(epochs=1)}, ["--tune-epochs", "1"]),
 }
 
 
@@ -50,9 +52,9 @@ def _tensors(out):
     return load_file(out / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path, method):
-    settings, options = METHODS[method]
+@pytest.mark.parametrize("name", list(METHODS))
+def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path, name):
+    method, settings, options = METHODS[name]
     full = tmp_path / "full"
     llmzip.quantize(str(small_model_dir), QuantConfig(method=method, weights=WeightScheme(4, 64), **settings),
                     output_dir=full, calib=CalibConfig(samples=16, seq_len=128), progress=False)
@@ -80,6 +82,8 @@ def test_killed_run_resumes_bit_identical(small_model_dir, tmp_path, method):
     meta_a = json.loads((full / "llmzip.json").read_text())
     meta_b = json.loads((out / "llmzip.json").read_text())
     assert meta_a["layers"] == meta_b["layers"] and len(meta_b["blocks"]) == LAYERS
+    kl = [[e["kl"] for e in m["tune"]["per_epoch"]] if m["tune"] else None for m in (meta_a, meta_b)]
+    assert kl[0] == kl[1] and (kl[1] is not None) == (name == "gptq-tune")
 
 
 def test_resume_with_other_settings_starts_over(small_model_dir, tmp_path):
