@@ -248,7 +248,7 @@ class TuneSettings:
     seed: the order of the samples."""
 
     epochs: int = 0
-    lr: float = 5e-3
+    lr: float = 1e-2
     batch: int = 4
     seed: int = 0
 
