@@ -37,7 +37,7 @@ def apply_recipe(args) -> None:
     args.method = recipe["method"]
     if recipe.get("act_order"):
         args.act_order = True
-    for key in ("iters", "signround_batch"):
+    for key in ("iters", "signround_batch", "tune_epochs"):
         if key in recipe and getattr(args, key, None) is None:
             value = recipe[key]
             if isinstance(value, dict):

@@ -140,7 +140,7 @@ def tune_scales(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, sett
                     losses.append(loss.item())
                     bar.set_postfix(kl=f"{losses[-1]:.4f}", refresh=False)
                     bar.update(1)
-                epochs.append({"kl": round(sum(losses) / len(losses), 6),
+                epochs.append({"kl": float(f"{sum(losses) / len(losses):.6g}"),
                                "seconds": round(time.perf_counter() - te, 2)})
     finally:
         bar.close()

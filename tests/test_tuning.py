@@ -104,3 +104,61 @@ def test_bad_settings_name_the_fix():
         TuneSettings(lr=0.0)
     with pytest.raises(ConfigError, match="calibrated method"):
         QuantConfig(method="rtn", tune=TuneSettings(epochs=1))
+
+
+def test_tune_options_reach_the_config(monkeypatch):
+    """--tune-epochs/--tune-lr land in QuantConfig.tune; left out, TuneSettings' defaults (off)."""
+    import llmzip.api
+    from llmzip.cli import build_parser
+    from llmzip.commands import quantize
+    from llmzip.recipes import apply_recipe
+
+    seen = []
+
+    def capture(model, config, **kw):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(llmzip.api, "quantize", capture)
+    for extra in (["--tune-epochs", "2", "--tune-lr", "3e-3"], []):
+        args = build_parser().parse_args(["quantize", "m", "-o", "out", "--method", "gptq", *extra])
+        apply_recipe(args)
+        with pytest.raises(SystemExit):
+            quantize(args)
+    assert (seen[0].tune.epochs, seen[0].tune.lr) == (2, 3e-3)
+    assert seen[1].tune == TuneSettings() and seen[1].tune.epochs == 0 and not seen[1].float_stream
+    assert seen[0].float_stream  # GPTQ carries the float stream only to give the tuning its targets
+
+
+# The tuning's first loss, one step over every sample, is the mean KL between the float
+# model's logits and the quantized model's, each computed by the model's own forward pass:
+# to this relative tolerance (fp32; the targets come from the float stream, not a re-run).
+KL_REL_TOL = 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "phi3"])
+def test_first_loss_is_the_kl_between_the_models_own_logits(name):
+    """Final norm, LM head and Gemma2's logit soft-capping are applied to the float stream's
+    last hidden states exactly as each model's forward applies them."""
+    import copy
+
+    import torch.nn.functional as F
+    from test_archs import CASES
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(CASES[name][0])
+    if name == "gemma2":  # a cap that bends these small random logits, so that leaving it out would show
+        config.final_logit_softcapping = 0.05
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    float_model = copy.deepcopy(model)
+    ids = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    tune = TuneSettings(epochs=1, batch=4)
+    report = calibrate_model(model, QuantConfig(method="gptq", weights=WeightScheme(3, 32), tune=tune), ids,
+                             _targets(model), device="cpu", progress=False)
+    with torch.no_grad():
+        want = F.kl_div(F.log_softmax(model(ids).logits, -1), F.log_softmax(float_model(ids).logits, -1),
+                        log_target=True, reduction="none").sum(-1).mean().item()
+    out = tune_scales(model, ids, torch.cat(report["float_outputs"]), tune, device="cpu", progress=False)
+    assert out["steps"] == 1
+    assert abs(out["kl_first_epoch"] - want) <= KL_REL_TOL * want, (name, out["kl_first_epoch"], want)
