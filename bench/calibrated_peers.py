@@ -5,7 +5,7 @@ Settings (int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64, W2 g64 sym
 (a zero point per group; every tool but HQQ gets --asym, HQQ is asymmetric in every setting). Tools:
 llmzip GPTQ, AWQ and SignRound (`llmzip quantize`; SignRound with --iters N when given; the -rot
 rows with --rotate hadamard, the -refit row with --scale-refit 2, the -tune1/-tune2 rows with
---tune-epochs 1/2), llm-compressor 0.14 GPTQModifier and AWQModifier
+--tune-epochs 1/2, -lr3e-3 with --tune-lr 3e-3), llm-compressor 0.14 GPTQModifier and AWQModifier
 (peers/llmcompressor_{gptq,awq}.py, model in bf16 on CPU), HQQ (peers/hqq_quant.py:
 calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal),
 AutoRound 0.16 with its "light" recipe (peers/autoround_quant.py: 50 iterations, on the same
@@ -80,6 +80,9 @@ TOOLS = {  # key: (name, method, peer venv or None for llmzip, its package, peer
     "llmzip-signround-model-tune1": ("llmzip", "signround model-target e2e-tune-1", None, None, None),
     "llmzip-signround-model-tune2": ("llmzip", "signround model-target e2e-tune-2", None, None, None),
     "llmzip-gptq-act-tune2": ("llmzip", "gptq act-order e2e-tune-2", None, None, None),
+    "llmzip-signround-model-tune1-lr3e-3": ("llmzip", "signround model-target e2e-tune-1 tune-lr-3e-3", None, None,
+                                            None),
+    "llmzip-signround-rot-tune1": ("llmzip", "signround rotate model-target e2e-tune-1", None, None, None),
     "llmzip-signround-rot": ("llmzip", "signround rotate model-target", None, None, None),
     "llmzip-signround-rel": ("llmzip", "signround relative layer-target", None, None, None),
     "llmcompressor-gptq": ("llm-compressor", "gptq", "llmcompressor", "llmcompressor", "llmcompressor_gptq.py"),
@@ -98,14 +101,15 @@ PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmco
          ("llmzip-signround-layer", "autoround", True), ("llmzip-signround-rot", "autoround", True),
          ("llmzip-signround-rel", "autoround", True),
          ("llmzip-signround-model-tune1", "autoround", True), ("llmzip-signround-model-tune2", "autoround", True),
-         ("llmzip-gptq-act-tune2", "autoround", True),
+         ("llmzip-gptq-act-tune2", "autoround", True), ("llmzip-signround-model-tune1-lr3e-3", "autoround", True),
+         ("llmzip-signround-rot-tune1", "autoround", True),
          ("llmzip-gptq-act", "autoround", True), ("llmzip-gptq-act-rot", "autoround", True)]
 # flags of the words after an llmzip method name in TOOLS
 FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"],
          "relative": ["--signround-loss", "relative"], "model-target": ["--signround-target", "model"],
          "layer-target": ["--signround-target", "layer"],
          "light-lr": ["--signround-lr", "5e-3"], "e2e-tune-1": ["--tune-epochs", "1"],
-         "e2e-tune-2": ["--tune-epochs", "2"]}
+         "e2e-tune-2": ["--tune-epochs", "2"], "tune-lr-3e-3": ["--tune-lr", "3e-3"]}
 
 
 class Failed(Exception):

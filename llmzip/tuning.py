@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms.signround import store_ste
 from .config import TuneSettings
 from .packing import unpack_int32
 from .primitives import dequantize
@@ -41,7 +42,7 @@ log = logging.getLogger("llmzip")
 
 
 class ScaleFit(nn.Module):
-    """Stands in for a QuantLinear during the pass: its codes (minus zero points) fixed,
+    """Stands in for a QuantLinear during the pass: its codes and zero points fixed,
     its scales s0 * exp(log_gain), rounded to the storage dtype with a straight-through
     gradient."""
 
@@ -52,13 +53,11 @@ class ScaleFit(nn.Module):
         n_groups = ql.weight_scale.shape[1]
         g_idx = getattr(ql, "weight_g_idx", None)
         self.group = None if n_groups == 1 or g_idx is not None else n_in // n_groups
-        if ql.scheme.symmetric:
-            code = q
-        else:
+        zero = None
+        if not ql.scheme.symmetric:
             zero = unpack_int32(ql.weight_zero_point, bits, n_out, dim=0).to(torch.int16)
-            cols = g_idx.long() if g_idx is not None else torch.arange(n_in, device=q.device) * n_groups // n_in
-            code = q - zero[:, cols]
-        self.register_buffer("code", code)
+        self.register_buffer("code", q)
+        self.register_buffer("zero", zero)
         self.register_buffer("g_idx", None if g_idx is None else g_idx.long())
         self.register_buffer("scale0", ql.weight_scale.float())
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale0))
@@ -67,11 +66,10 @@ class ScaleFit(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """The fitted scales in fp32, each the value of its storage dtype (straight-through)."""
-        s = self.scale0 * self.log_gain.exp()
-        return s + (s.to(self.store).float() - s).detach()
+        return store_ste(self.scale0 * self.log_gain.exp(), self.store)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.code, self.scale(), None, self.group, self.store, g_idx=self.g_idx)
+        w = dequantize(self.code, self.scale(), self.zero, self.group, self.store, g_idx=self.g_idx)
         return F.linear(x, w.to(self.compute), self.bias)
 
 

@@ -27,7 +27,7 @@ from ..config import SignRoundSettings, WeightScheme
 from .rtn import QuantResult
 
 
-def _store_ste(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def store_ste(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale as stored in `dtype` (the value the checkpoint dequantizes with), with
     the gradient of the unrounded one."""
     return scale + (scale.to(dtype).float() - scale).detach()
@@ -75,10 +75,10 @@ def qdq(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v: torch.Tensor, a
     if scheme.symmetric:
         end = torch.where(hi > -lo, hi, lo)  # the larger-magnitude end, with its sign
         scale = end / scheme.qmin
-        scale = _store_ste(torch.where(end > 0, scale.clamp(max=-tiny), scale.clamp(min=tiny)), dtype)
+        scale = store_ste(torch.where(end > 0, scale.clamp(max=-tiny), scale.clamp(min=tiny)), dtype)
         zero = None
     else:
-        scale = _store_ste(((hi - lo) / ((1 << scheme.bits) - 1)).clamp(min=tiny), dtype)
+        scale = store_ste(((hi - lo) / ((1 << scheme.bits) - 1)).clamp(min=tiny), dtype)
         zero = torch.round(scheme.qmin - lo / scale).clamp(scheme.qmin, scheme.qmax).detach()
     z = torch.zeros((), device=wg.device) if zero is None else zero.unsqueeze(-1)
     deq, q = _RoundDequant.apply(wg, v, scale.unsqueeze(-1), z, scheme.qmin, scheme.qmax, dtype)
