@@ -5,7 +5,8 @@ Settings (int weights, lm_head kept): W4 g64, W4 per-channel, W3 g64, W2 g64 sym
 (a zero point per group; every tool but HQQ gets --asym, HQQ is asymmetric in every setting). Tools:
 llmzip GPTQ, AWQ and SignRound (`llmzip quantize`; SignRound with --iters N when given; the -rot
 rows with --rotate hadamard, the -refit row with --scale-refit 2, the -tune1/-tune2 rows with
---tune-epochs 1/2, -lr3e-3 with --tune-lr 3e-3), llm-compressor 0.14 GPTQModifier and AWQModifier
+--tune-epochs 1/2 at --tune-lr 1e-2, the default for every width when they were measured; -lr3e-3
+with --tune-lr 3e-3), llm-compressor 0.14 GPTQModifier and AWQModifier
 (peers/llmcompressor_{gptq,awq}.py, model in bf16 on CPU), HQQ (peers/hqq_quant.py:
 calibration-free, written back dequantized as a bf16 checkpoint; its bits/weight is nominal),
 AutoRound 0.16 with its "light" recipe (peers/autoround_quant.py: 50 iterations, on the same
@@ -108,8 +109,8 @@ PAIRS = [("llmzip-gptq", "llmcompressor-gptq", True), ("llmzip-gptq-act", "llmco
 FLAGS = {"act-order": ["--act-order"], "rotate": ["--rotate", "hadamard"], "refit": ["--scale-refit", "2"],
          "relative": ["--signround-loss", "relative"], "model-target": ["--signround-target", "model"],
          "layer-target": ["--signround-target", "layer"],
-         "light-lr": ["--signround-lr", "5e-3"], "e2e-tune-1": ["--tune-epochs", "1"],
-         "e2e-tune-2": ["--tune-epochs", "2"], "tune-lr-3e-3": ["--tune-lr", "3e-3"]}
+         "light-lr": ["--signround-lr", "5e-3"], "e2e-tune-1": ["--tune-epochs", "1", "--tune-lr", "1e-2"],
+         "e2e-tune-2": ["--tune-epochs", "2", "--tune-lr", "1e-2"], "tune-lr-3e-3": ["--tune-lr", "3e-3"]}
 
 
 class Failed(Exception):

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(codes fixed) to the float model's next-token distribution on the calibration tokens "
                         "(default: 0, off; holds the whole model and one batch's logits in memory)")
     c.add_argument("--tune-lr", type=float, default=None,
-                   help="--tune-epochs: Adam's step size on each scale's log gain, cosine-decayed (default: 1e-2)")
+                   help="--tune-epochs: Adam's step size on each scale's log gain, cosine-decayed (default: 1e-2 for Linears "
+                        "below 4 bits, 3e-3 from 4 bits up)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     q.add_argument("--rotate", default=None, choices=["hadamard"],

@@ -12,19 +12,17 @@ from .config import ConfigError
 RECIPES = {
     "fast": {"doc": "round-to-nearest, no calibration data (seconds)", "method": "rtn"},
     "default": {"doc": "GPTQ with act-order and clip search (minutes)", "method": "gptq", "act_order": True},
-    "best": {"doc": "SignRound learned rounding fitted to the float model's outputs, 8 samples per step: 40 steps "
-                    "per layer at 4 bits and more (about 19 minutes for SmolLM2-135M on 2 AVX2 cores); below 4 "
-                    "bits or with --avg-bits, 50 steps and then one epoch of end-to-end scale tuning "
-                    "(--iters, --tune-epochs change them)", "method": "signround",
-             "iters": {"low_bits": 50, "high_bits": 40}, "tune_epochs": {"low_bits": 1, "high_bits": 0}},
+    "best": {"doc": "SignRound learned rounding fitted to the float model's outputs, 50 steps per layer of 8 "
+                    "samples, then one epoch of end-to-end scale tuning (about 12 minutes for SmolLM2-135M at W4 "
+                    "g64 on 2 Xeon cores with AMX; --iters, --tune-epochs change them)", "method": "signround",
+             "iters": 50, "tune_epochs": 1},
 }
-# "iters" of a recipe: one number, or {"low_bits": n, "high_bits": m}: m when every quantized weight
-# gets HIGH_BITS or more (plain --bits, no --avg-bits), n otherwise. On SmolLM2-135M (2 AVX2 cores),
-# 40 steps at W4 g64 took 1141 s (1.136x bf16; 50 steps scored 1.124x), and 50 steps at W2 g64 asym,
-# the same work per layer, took 1316 s, over a 20-minute budget; below 4 bits, 50 are what was
-# measured (bench/results/calibrated_peers.md). One epoch of --tune-epochs after them took W2 g64
-# from 5.84x to 4.14x bf16; at 4 bits it would break the 20-minute budget, and it is unmeasured there.
-HIGH_BITS = 4
+# `best` is the strongest setting measured on SmolLM2-135M (bench/results/calibrated_peers.md, 128 x 512
+# calibration, 16 x 2048 wiki tokens): 50 SignRound steps, then one epoch of --tune-epochs at the
+# step size for each width (TuneSettings.lr_for). W4 g64: 1.111x bf16 (KLD 0.131) against 1.124x
+# (KLD 0.135) for the 50 steps alone and 1.136x for 40; W2 g64: 4.14x against 5.84x. Two epochs
+# scored worse than one at W2 g64 (4.24x). The W4 g64 run took 725 s on 2 Xeon cores with AMX; on an
+# AVX2 EPYC the 50 steps alone took 1893 s.
 
 
 def apply_recipe(args) -> None:
@@ -41,8 +39,4 @@ def apply_recipe(args) -> None:
         args.act_order = True
     for key in ("iters", "signround_batch", "tune_epochs"):
         if key in recipe and getattr(args, key, None) is None:
-            value = recipe[key]
-            if isinstance(value, dict):
-                high = getattr(args, "avg_bits", None) is None and getattr(args, "bits", 4) >= HIGH_BITS
-                value = value["high_bits" if high else "low_bits"]
-            setattr(args, key, value)
+            setattr(args, key, recipe[key])

@@ -111,8 +111,11 @@ def tune_scales(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, sett
     model.to(device)
     was_training = model.training
     model.train(False)
-    params = [f.log_gain for f in fits.values()]
-    opt = torch.optim.Adam(params, lr=settings.lr)
+    lrs = {n: settings.lr_for(m.bits) for n, m in quantized}
+    groups: dict[float, list] = {}
+    for n, f in fits.items():
+        groups.setdefault(lrs[n], []).append(f.log_gain)
+    opt = torch.optim.Adam([{"params": ps, "lr": lr} for lr, ps in sorted(groups.items())])
     n, batch = ids.shape[0], min(settings.batch, ids.shape[0])
     steps_per_epoch = math.ceil(n / batch)
     total = settings.epochs * steps_per_epoch
@@ -153,7 +156,9 @@ def tune_scales(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, sett
                 p.requires_grad_(grad)
         model.train(was_training)
         model.to(home)
-    report = {"epochs": settings.epochs, "lr": settings.lr, "batch": batch, "steps": total,
+    by_bits = {str(m.bits): lrs[n] for n, m in quantized}
+    report = {"epochs": settings.epochs, "lr": settings.lr if settings.lr is not None else "by bits",
+              "lr_by_bits": dict(sorted(by_bits.items())), "batch": batch, "steps": total,
               "kl_first_epoch": epochs[0]["kl"] if epochs else None,
               "kl_last_epoch": epochs[-1]["kl"] if epochs else None,
               "per_epoch": epochs, "seconds": round(time.perf_counter() - t0, 2)}

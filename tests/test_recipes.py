@@ -26,16 +26,9 @@ def test_recipes_fill_method_and_settings():
     assert _args("--recipe", "fast").method == "rtn"
     default = _args("--recipe", "default")
     assert (default.method, default.act_order) == ("gptq", True)
-    best = _args("--recipe", "best")
-    assert (best.method, best.iters) == ("signround", 40)  # 4 bits (the default): the 20-minute budget
-    assert _args("--recipe", "best", "--bits", "8").iters == 40
-    assert _args("--recipe", "best", "--bits", "3").iters == 50
-    assert _args("--recipe", "best", "--bits", "2").iters == 50
-    assert _args("--recipe", "best", "--avg-bits", "3.75").iters == 50  # some layers may get 2 or 3 bits
-    assert _args("--recipe", "best").tune_epochs == 0 and _args("--recipe", "best", "--bits", "8").tune_epochs == 0
-    assert _args("--recipe", "best", "--bits", "3").tune_epochs == 1
-    assert _args("--recipe", "best", "--bits", "2").tune_epochs == 1
-    assert _args("--recipe", "best", "--avg-bits", "3.75").tune_epochs == 1
+    for extra in ([], ["--bits", "8"], ["--bits", "3"], ["--bits", "2"], ["--avg-bits", "3.75"]):
+        best = _args("--recipe", "best", *extra)
+        assert (best.method, best.iters, best.tune_epochs) == ("signround", 50, 1), extra
     assert _args("--recipe", "best", "--bits", "2", "--tune-epochs", "3").tune_epochs == 3
     assert _args("--recipe", "default").tune_epochs is None  # off unless asked for
     best = _args("--recipe", "best", "--iters", "7")

@@ -106,6 +106,25 @@ def test_bad_settings_name_the_fix():
         QuantConfig(method="rtn", tune=TuneSettings(epochs=1))
 
 
+def test_step_size_follows_each_linears_width():
+    """Left out, the step size is 1e-2 for a Linear below 4 bits and 3e-3 from 4 bits up;
+    --tune-lr sets one for every Linear. A mixed-width model gets one Adam group per width."""
+    assert [TuneSettings().lr_for(b) for b in (2, 3, 4, 8)] == [1e-2, 1e-2, 3e-3, 3e-3]
+    assert [TuneSettings(lr=5e-3).lr_for(b) for b in (2, 4)] == [5e-3, 5e-3]
+    model = tiny_llama(dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    names = _targets(model)
+    cfg = QuantConfig(method="gptq", weights=WeightScheme(2, 32), tune=TuneSettings(epochs=1, batch=4),
+                      schemes={n: WeightScheme(4, 32) for n in names[::2]})
+    report = calibrate_model(model, cfg, ids, names, device="cpu", progress=False)
+    teacher = torch.cat(report["float_outputs"])
+    assert sorted({m.bits for m in _quantized(model).values()}) == [2, 4]
+    out = tune_scales(model, ids, teacher, TuneSettings(epochs=1, batch=4), device="cpu", progress=False)
+    assert out["lr"] == "by bits" and out["lr_by_bits"] == {"2": 1e-2, "4": 3e-3}
+    out = tune_scales(model, ids, teacher, TuneSettings(epochs=1, lr=5e-3, batch=4), device="cpu", progress=False)
+    assert out["lr"] == 5e-3 and out["lr_by_bits"] == {"2": 5e-3, "4": 5e-3}
+
+
 def test_tune_options_reach_the_config(monkeypatch):
     """--tune-epochs/--tune-lr land in QuantConfig.tune; left out, TuneSettings' defaults (off)."""
     import llmzip.api
