@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pool capacity in tokens (default: max-num-seqs x max-model-len)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 (default: 256)")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    s.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="after Ctrl-C or SIGTERM, seconds running requests get to finish before they are aborted "
+                        "(default: 10)")
     s.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--activations", default="fp16", type=_activations, help=ACT_HELP)

@@ -33,6 +33,7 @@ class ServeOptions:
     kv_cache_tokens: int | None = None
     max_queue: int = 256
     request_timeout: float = 600.0
+    shutdown_grace: float = 10.0  # after Ctrl-C/SIGTERM, seconds running requests get to finish
     dtype: object = None
     device: str | None = None
     activations: str = "fp16"
@@ -60,8 +61,8 @@ def require_serve_deps() -> None:
 
 
 SWITCH_INTERVAL = 2e-4  # seconds; see serve()
-GRACEFUL_SHUTDOWN_S = 10  # after Ctrl-C, running requests get this long to finish
-CLOSE_STREAMS_S = 5.0  # ... then the rest are aborted, and get this long to send their final chunk and [DONE]
+CLOSE_STREAMS_S = 5.0  # after --shutdown-grace, the streams still running are aborted and get this long
+# to send their final chunk and [DONE]
 
 
 def check_port(host: str, port: int) -> None:
@@ -143,7 +144,7 @@ def serve(opts: ServeOptions) -> int:
     # HTTP in a thread of its own; the engine loop in this one, which loaded the model: on CPU,
     # torch ops issued from a second thread ran 1.5x slower (see Engine.run_loop).
     server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S))
+                                           timeout_graceful_shutdown=opts.shutdown_grace + CLOSE_STREAMS_S))
     failed = []
 
     def http():
@@ -160,13 +161,13 @@ def serve(opts: ServeOptions) -> int:
     def on_signal(sig, frame):
         server.handle_exit(sig, frame)
         if not timers:  # the first signal: abort what still runs after the grace period, before uvicorn cuts it off
-            timers.append(threading.Timer(GRACEFUL_SHUTDOWN_S, engine.abort_all))
+            timers.append(threading.Timer(opts.shutdown_grace, engine.abort_all))
             timers[0].daemon = True
             timers[0].start()
 
     # uvicorn installs its signal handlers only in the main thread, which runs the engine here:
     # install them for it. Ctrl-C or SIGTERM stops accepting requests and lets running ones
-    # finish (up to GRACEFUL_SHUTDOWN_S); those still running then are aborted, so that each
+    # finish (up to --shutdown-grace seconds); those still running then are aborted, so that each
     # stream ends with a finish_reason "abort" chunk and [DONE]. A second Ctrl-C stops at once.
     # Either way the HTTP thread ends, shuts the engine down, and run_loop returns.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -177,7 +178,7 @@ def serve(opts: ServeOptions) -> int:
         engine.run_loop()
     finally:
         server.should_exit = True
-        thread.join(timeout=GRACEFUL_SHUTDOWN_S + CLOSE_STREAMS_S + 10)
+        thread.join(timeout=opts.shutdown_grace + CLOSE_STREAMS_S + 10)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for t in timers:

@@ -245,7 +245,7 @@ def test_serve_on_a_port_in_use_is_a_one_line_error_with_exit_2(tmp_path, capsys
 
 def test_shutdown_ends_every_open_stream_with_abort_and_done(tmp_path, monkeypatch):
     """`llmzip serve` as users run it (the engine loop in this, the main thread): SIGTERM while
-    two streams of 2000 tokens run. When the grace period is over (shortened here to 1 s),
+    two streams of 2000 tokens run. When the grace period is over (`--shutdown-grace 1`),
     both streams get a final chunk with finish_reason "abort" and [DONE], and serve exits 0."""
     import os
     import signal
@@ -256,7 +256,6 @@ def test_shutdown_ends_every_open_stream_with_abort_and_done(tmp_path, monkeypat
     from llmzip.cli import main
     from llmzip.serve import server
 
-    monkeypatch.setattr(server, "GRACEFUL_SHUTDOWN_S", 1.0)
     monkeypatch.setattr(server, "CLOSE_STREAMS_S", 5.0, raising=False)
     monkeypatch.delenv("LLMZIP_API_KEY", raising=False)
     ckpt, port = tiny_checkpoint(tmp_path / "tiny"), free_port()
@@ -294,7 +293,8 @@ def test_shutdown_ends_every_open_stream_with_abort_and_done(tmp_path, monkeypat
 
     t = threading.Thread(target=client, daemon=True)
     t.start()
-    code = main(["serve", str(ckpt), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2"])
+    code = main(["serve", str(ckpt), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "2",
+                 "--shutdown-grace", "1"])
     t.join(30)
     assert not errors and code == 0
     for lines in streams:
